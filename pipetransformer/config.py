@@ -1,0 +1,201 @@
+"""Typed configuration. Each component reads only its own section.
+
+Every field is also a command-line flag (``--field-name``) and a YAML key under its section
+(``train: {epochs: 3}``); the help text lives here, once, in each field's metadata.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+__all__ = ["Config", "ModelConfig", "DataConfig", "TrainConfig", "FreezeConfig",
+           "ParallelConfig", "CacheConfig", "ConfigError", "load_config"]
+
+
+class ConfigError(ValueError):
+    """Bad user input: the message names the field, the value and the fix."""
+
+
+def _f(default, help: str, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def _bad(name: str, value, fix: str) -> ConfigError:
+    return ConfigError(f"--{name.replace('_', '-')}={value!r} is invalid: {fix}")
+
+
+@dataclass
+class ModelConfig:
+    model: str = _f("minilm-l6", "built-in model name (minilm-l6) or a local Hugging Face model folder")
+    max_length: int = _f(48, "tokens per text sample; every batch is padded to exactly this length")
+
+    def __post_init__(self):
+        if not 8 <= self.max_length <= 8192:
+            raise _bad("max_length", self.max_length, "use a length between 8 and 8192 tokens")
+
+
+@dataclass
+class DataConfig:
+    data: str = _f("rotten-tomatoes", "rotten-tomatoes, imdb, a CSV file with text,label columns, "
+                   "an image folder (one sub-folder per class) or an .npz file with arrays x and y")
+    train_samples: int = _f(2048, "use the first N of the shuffled training split (0: all of it)")
+    eval_samples: int = _f(0, "use the first N of the validation split (0: all of it)")
+    val_fraction: float = _f(0.1, "fraction of each class held out for validation (stratified, seeded)")
+    image_size: int = _f(224, "image side in pixels for image data (resized, no augmentation)")
+
+    def __post_init__(self):
+        if self.train_samples < 0:
+            raise _bad("train_samples", self.train_samples, "use 0 (all) or a positive count")
+        if self.eval_samples < 0:
+            raise _bad("eval_samples", self.eval_samples, "use 0 (all) or a positive count")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise _bad("val_fraction", self.val_fraction, "use a fraction between 0 and 0.5, e.g. 0.1")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(4, "number of passes over the training data")
+    batch_size: int = _f(32, "global batch size (all replicas together), constant through training")
+    lr: float = _f(1e-4, "peak learning rate of AdamW")
+    weight_decay: float = _f(0.01, "AdamW weight decay (applied to active parameters only)")
+    warmup_ratio: float = _f(0.1, "fraction of all steps spent warming the learning rate up linearly")
+    grad_clip: float = _f(1.0, "clip the global gradient norm of the active parameters to this (0: off)")
+    dropout: bool = _f(True, "keep the model's dropout (off makes runs comparable bit for bit)")
+    seed: int = _f(0, "seed for the split, the head's initialisation, shuffling and dropout")
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise _bad("epochs", self.epochs, "train for at least 1 epoch")
+        if self.batch_size < 1:
+            raise _bad("batch_size", self.batch_size, "use a positive batch size")
+        if not 0 < self.lr < 1:
+            raise _bad("lr", self.lr, "use a learning rate between 0 and 1, e.g. 1e-4")
+        if self.weight_decay < 0:
+            raise _bad("weight_decay", self.weight_decay, "use 0 or a positive decay")
+        if not 0 <= self.warmup_ratio < 1:
+            raise _bad("warmup_ratio", self.warmup_ratio, "use a fraction in [0, 1)")
+        if self.grad_clip < 0:
+            raise _bad("grad_clip", self.grad_clip, "use 0 (off) or a positive norm")
+
+
+@dataclass
+class FreezeConfig:
+    freeze: str = _f("adaptive", "off: never freeze; schedule: the alpha cap alone "
+                     "(k_T = ceil(L(1-(1-alpha)^T))); adaptive: the paper's rule, cap and "
+                     "gradient-norm term", ("off", "schedule", "adaptive"))
+    alpha: float = _f(1 / 3, "freeze ratio: at most this share of the still active blocks "
+                      "freezes at each decision")
+
+    def __post_init__(self):
+        if self.freeze not in ("off", "schedule", "adaptive"):
+            raise _bad("freeze", self.freeze, "choose off, schedule or adaptive")
+        if not 0 < self.alpha < 1:
+            raise _bad("alpha", self.alpha, "use a ratio between 0 and 1, e.g. 0.333")
+
+
+@dataclass
+class ParallelConfig:
+    nproc: int = _f(1, "local processes to launch (one per GPU, or CPU processes with gloo)")
+    stages: int = _f(0, "pipeline stages at the start (a divisor of the world size); 0: all "
+                     "processes form one pipeline, the paper's starting layout")
+    elastic: bool = _f(True, "re-partition onto fewer stages and add replicas as layers freeze "
+                       "(off: keep the starting layout, the 'freeze only' ablation)")
+    schedule: str = _f("gpipe", "pipeline schedule", ("gpipe", "1f1b"))
+    micro_batches: int = _f(0, "micro-batches per pipeline step; 0: 2 x stages (1 for a single stage)")
+    batch_policy: str = _f("constant", "constant: global batch fixed, split over replicas (same "
+                           "math as one process); per-replica: each replica keeps the starting "
+                           "batch, so the global batch and the LR (linearly) grow with replicas",
+                           ("constant", "per-replica"))
+
+    def __post_init__(self):
+        if self.nproc < 1:
+            raise _bad("nproc", self.nproc, "use at least 1 process")
+        if self.stages < 0:
+            raise _bad("stages", self.stages, "use 0 (all processes) or a positive divisor of --nproc")
+        if self.schedule not in ("gpipe", "1f1b"):
+            raise _bad("schedule", self.schedule, "choose gpipe or 1f1b")
+        if self.micro_batches < 0:
+            raise _bad("micro_batches", self.micro_batches, "use 0 (automatic) or a positive count")
+        if self.batch_policy not in ("constant", "per-replica"):
+            raise _bad("batch_policy", self.batch_policy, "choose constant or per-replica")
+
+
+@dataclass
+class CacheConfig:
+    cache: str = _f("off", "store the frozen layers' outputs so later epochs skip them",
+                    ("auto", "on", "off"))
+
+    def __post_init__(self):
+        if self.cache not in ("auto", "on", "off"):
+            raise _bad("cache", self.cache, "choose auto, on or off")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    run_dir: str = "runs/latest"
+
+    SECTIONS = ("model", "data", "train", "freeze", "parallel", "cache")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config") -> "Config":
+        raw = dict(raw or {})
+        kwargs = {}
+        for name in cls.SECTIONS:
+            section_cls = type(getattr(cls(), name))
+            values = raw.pop(name, None) or {}
+            if not isinstance(values, dict):
+                raise ConfigError(f"{source}: section {name!r} must be a mapping, got {values!r}")
+            known = {f.name for f in dataclasses.fields(section_cls)}
+            unknown = set(values) - known
+            if unknown:
+                raise ConfigError(f"{source}: unknown key(s) {sorted(unknown)} in section {name!r}; "
+                                  f"known keys: {sorted(known)}")
+            kwargs[name] = section_cls(**{k: _coerce(section_cls, k, v) for k, v in values.items()})
+        if "run_dir" in raw:
+            kwargs["run_dir"] = str(raw.pop("run_dir"))
+        if raw:
+            raise ConfigError(f"{source}: unknown top-level key(s) {sorted(raw)}; known: "
+                              f"{list(cls.SECTIONS) + ['run_dir']}")
+        return cls(**kwargs)
+
+
+def _coerce(section_cls, name: str, value):
+    """YAML gives strings for things like 1e-4; convert to the field's type or say why not."""
+    typ = {f.name: f.type for f in dataclasses.fields(section_cls)}[name]
+    try:
+        if typ == "bool":
+            if isinstance(value, str):
+                if value.lower() in ("true", "on", "yes", "1"):
+                    return True
+                if value.lower() in ("false", "off", "no", "0"):
+                    return False
+                raise ValueError
+            return bool(value)
+        return {"int": int, "float": float, "str": str}[typ](value)
+    except (ValueError, TypeError):
+        raise _bad(name, value, f"expected a value of type {typ}") from None
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config={str(path)!r}: no such file; pass a YAML file path")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config={str(path)!r} is not valid YAML: {e}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"--config={str(path)!r}: the top level must be a mapping of sections")
+    return Config.from_dict(raw, source=str(path))

@@ -1,0 +1,37 @@
+"""Process-group start-up: under torchrun, or a one-process group for a plain call."""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["init", "shutdown", "device_for", "TIMEOUT"]
+
+TIMEOUT = datetime.timedelta(minutes=10)  # a dead peer ends in an error, never a hang
+
+
+def device_for(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init() -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Works with torchrun's variables or none at all."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), device_for(int(os.environ.get("LOCAL_RANK", 0)))
+    device = device_for(int(os.environ.get("LOCAL_RANK", 0)))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend, timeout=TIMEOUT, device_id=device if device.type == "cuda" else None)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=TIMEOUT)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,350 @@
+"""The training loop. One epoch, on every process:
+
+  read the layout -> load this replica's batch -> frozen prefix under no_grad (first stage)
+  -> pipeline schedule over the active stages -> all-reduce active gradients over replicas
+  -> clip -> optimizer step -> accumulate gradient norms for AutoFreeze
+  -> at the boundary: evaluate, decide, re-plan, transition, log.
+
+A single process is the layout "1 stage x 1 replica" of the same code.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import distributed
+from .config import Config
+from .data import BatchSampler, Dataset, count_labels, load_data
+from .freeze import FreezeState, GradNormMeter, decide
+from .models import StagedModel, load_model
+from .partition import compress
+from .topology import Layout, Topology
+from .transition import FROZEN_FACTOR, Runtime, build_runtime, migrate, plan_layout
+
+__all__ = ["Trainer", "fine_tune"]
+
+
+def _log(rank: int, *msg) -> None:
+    if rank == 0:
+        print(*msg, flush=True)
+
+
+def _disable_dropout(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        for attr in ("attention_dropout", "dropout_prob"):
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, 0.0)
+
+
+class Trainer:
+    """Fine-tunes a StagedModel with AutoFreeze over an elastic pipeline (see module doc)."""
+
+    def __init__(self, config: Config, model: StagedModel | None = None,
+                 data: tuple[Dataset, Dataset] | None = None, progress: bool = True):
+        self.cfg = config
+        self.rank, self.world, self.device = distributed.init()
+        torch.manual_seed(config.train.seed)
+        if model is None:
+            names = count_labels(config.data)
+            model = load_model(config.model.model, num_labels=len(names) if names else 2,
+                               seed=config.train.seed, label_names=names)
+        self.model = model
+        if not config.train.dropout:
+            _disable_dropout(model.hf_model)
+        self.train_data, self.val_data = data or load_data(
+            config.data, model, config.model.max_length, config.train.seed)
+        self.progress = progress and self.rank == 0
+        self.topo = Topology(self.world, self.rank)
+        pc = config.parallel
+        start = Layout(self.world, pc.stages or self.world)
+        self.start_layout = start
+        self.freeze = FreezeState(model.num_blocks)
+        self.meter = GradNormMeter(model.num_blocks)
+        self.sampler = BatchSampler(len(self.train_data), config.train.seed)
+        self.global_batch = config.train.batch_size
+        if self.global_batch % start.replicas:
+            raise ValueError(f"--batch-size={self.global_batch} must be divisible by the number of "
+                             f"replicas ({start.replicas})")
+        if self.sampler.steps(self.global_batch) < 1:
+            raise ValueError(f"--batch-size={self.global_batch} is larger than the training set "
+                             f"({len(self.train_data)} samples); lower it or use more --train-samples")
+        # the compression budget: the largest stage's memory in the starting layout
+        self.budget = plan_layout(model, 0, start.stages)[2].max_cost
+        self.samples_seen = 0
+        self.total_samples = config.train.epochs * self.sampler.steps(self.global_batch) * self.global_batch
+        self.comm_device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        self.step_losses: list[float] = []
+        self.rt = self._build(0, start, {})
+
+    # --- layout --------------------------------------------------------------------------
+    def _replica_batch(self, layout: Layout) -> int:
+        if self.cfg.parallel.batch_policy == "per-replica":
+            return self.global_batch // self.start_layout.replicas
+        if self.global_batch % layout.replicas:
+            raise ValueError(f"--batch-size={self.global_batch} must be divisible by every replica "
+                             f"count the run may reach ({layout.replicas}); use a multiple of "
+                             f"{self.world}")
+        return self.global_batch // layout.replicas
+
+    def _build(self, frozen: int, layout: Layout, opt_state: dict) -> Runtime:
+        t = self.cfg.train
+        return build_runtime(self.model, frozen, layout, self.topo, self.device,
+                             self.cfg.parallel.micro_batches, self._replica_batch(layout),
+                             self.cfg.parallel.schedule,
+                             {"lr": t.lr, "weight_decay": t.weight_decay}, opt_state, t.dropout)
+
+    def _next_layout(self, frozen: int) -> Layout:
+        layout = self.rt.layout
+        if not self.cfg.parallel.elastic:
+            return layout
+        frozen_units, active, _ = plan_layout(self.model, frozen, 1)
+        frozen_cost = FROZEN_FACTOR * sum(u.param_count() for u in frozen_units)
+        k = compress([u.param_count() for u in active], frozen_cost, layout.stages, self.world, self.budget)
+        return Layout(self.world, k)
+
+    def _transition(self, frozen: int, layout: Layout) -> float:
+        """Apply (frozen, layout): migrate weights and optimizer state, rebuild. Seconds taken."""
+        start = time.perf_counter()
+        opt_state, _ = migrate(self.model, self.rt, frozen, self.samples_seen > 0, self.comm_device)
+        self.rt = self._build(frozen, layout, opt_state)
+        dist.barrier()
+        return time.perf_counter() - start
+
+    # --- one step ------------------------------------------------------------------------
+    def _lr(self) -> float:
+        t = self.cfg.train
+        progress = self.samples_seen / max(1, self.total_samples)
+        factor = progress / t.warmup_ratio if progress < t.warmup_ratio else \
+            max(0.0, (1 - progress) / (1 - t.warmup_ratio))
+        scale = self.rt.layout.replicas / self.start_layout.replicas \
+            if self.cfg.parallel.batch_policy == "per-replica" else 1.0
+        return t.lr * factor * scale
+
+    def _inputs(self, batch: dict) -> tuple:
+        """Stage-0 inputs: raw model inputs, or the frozen prefix's output."""
+        inputs = tuple(x.to(self.device) for x in self.model.inputs(batch))
+        if self.rt.prefix is not None:
+            with torch.no_grad():
+                inputs = self.rt.prefix(*inputs)
+        return inputs
+
+    def _run_schedule(self, batch: dict, train: bool):
+        rt, losses = self.rt, []
+        args = self._inputs(batch) if rt.is_first else ()
+        kwargs = {}
+        if rt.is_last:  # the schedule computes the loss on the last stage, eval included
+            kwargs = {"target": batch["labels"].to(self.device), "losses": losses}
+        out = (rt.schedule.step if train else rt.schedule.eval)(*args, **kwargs)
+        return out, losses
+
+    def _train_step(self, batch: dict) -> float:
+        rt = self.rt
+        _, losses = self._run_schedule(batch, train=True)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in rt.params]
+        if grads and rt.layout.replicas > 1:  # sync point: average over the stage's replicas
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=rt.replica_group)
+            flat /= rt.layout.replicas
+            for (_, p), g in zip(rt.params, flat.split([g.numel() for g in grads])):
+                p.grad = g.view_as(p)
+        self._clip([p for _, p in rt.params])
+        if rt.replica == 0:
+            self.meter.accumulate(self._block_params())
+        lr = self._lr()
+        if rt.optimizer is not None:
+            for group in rt.optimizer.param_groups:
+                group["lr"] = lr
+            rt.optimizer.step()
+            rt.optimizer.zero_grad(set_to_none=True)
+        return float(torch.stack(losses).detach().mean()) if losses else 0.0
+
+    def _clip(self, params) -> None:
+        """Clip by the global norm over every stage's active gradients (sync point)."""
+        max_norm = self.cfg.train.grad_clip
+        if max_norm <= 0:
+            return
+        sq = torch.zeros(1, dtype=torch.float64, device=self.comm_device)
+        for p in params:
+            sq += p.grad.double().pow(2).sum().to(self.comm_device)
+        if self.rt.layout.stages > 1:
+            dist.all_reduce(sq, group=self.rt.pipeline_group)
+        coef = max_norm / (math.sqrt(float(sq)) + 1e-6)
+        if coef < 1.0 and params:
+            torch._foreach_mul_([p.grad for p in params], coef)
+
+    def _block_params(self) -> dict[int, list]:
+        out: dict[int, list] = {}
+        for u in self.rt.units:
+            if u.name.startswith("block."):
+                out.setdefault(u.freeze_index, []).extend(self.model.named_parameters(u))
+        return out
+
+    # --- epochs --------------------------------------------------------------------------
+    def _train_epoch(self, epoch: int) -> dict:
+        rt = self.rt
+        layout = rt.layout
+        batch_size = self._replica_batch(layout) * layout.replicas
+        steps = self.sampler.steps(batch_size)
+        order = self.sampler.epoch_order(epoch)
+        local = torch.zeros(steps, dtype=torch.float64)
+        bar = _bar(steps, f"epoch {epoch + 1}/{self.cfg.train.epochs}", self.progress)
+        start = time.perf_counter()
+        for step in range(steps):
+            rows = self.sampler.replica_rows(order, step, batch_size, rt.replica, layout.replicas)
+            local[step] = self._train_step(self.train_data.batch(rows))
+            self.samples_seen += batch_size
+            if bar is not None:
+                bar.update(1)
+                if rt.is_last:
+                    bar.set_postfix(loss=f"{local[step]:.4f}", lr=f"{self._lr():.2e}")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        if bar is not None:
+            bar.close()
+        dist.all_reduce(local)  # only last stages hold losses: the sum is over replicas
+        local /= layout.replicas
+        self.step_losses.extend(local.tolist())
+        return {"train_loss": float(local.mean()), "epoch_seconds": seconds,
+                "samples_per_second": steps * batch_size / seconds, "steps": steps}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        rt = self.rt
+        layout = rt.layout
+        batch_size = self._replica_batch(layout) * layout.replicas
+        n = len(self.val_data)
+        steps = math.ceil(n / batch_size)
+        order = torch.arange(steps * batch_size) % n  # pad the tail with repeats, ignored below
+        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+        rt.module.eval()
+        try:
+            for step in range(steps):
+                rows = self.sampler.replica_rows(order, step, batch_size, rt.replica, layout.replicas)
+                batch = self.val_data.batch(rows)
+                out, _ = self._run_schedule(batch, train=False)
+                if rt.is_last:
+                    pos = step * batch_size + rt.replica * len(rows) + torch.arange(len(rows))
+                    keep = pos < n
+                    logits, labels = out.float().cpu()[keep], batch["labels"][keep]
+                    totals += torch.tensor([
+                        float(nn.functional.cross_entropy(logits, labels, reduction="sum")),
+                        float((logits.argmax(-1) == labels).sum()), float(keep.sum())], dtype=torch.float64)
+        finally:
+            rt.module.train(self.cfg.train.dropout)
+        dist.all_reduce(totals)
+        return {"val_loss": float(totals[0] / totals[2]), "val_accuracy": float(totals[1] / totals[2])}
+
+    def _decide(self) -> int:
+        """All-reduce the interval's gradient norms; rank 0's decision is everyone's."""
+        sq = self.meter.squared_norms()
+        dist.all_reduce(sq)  # each block counted once: only replica 0 accumulates
+        self.meter.reset()
+        fc = self.cfg.freeze
+        k = torch.tensor([decide(self.freeze, fc.alpha, fc.freeze, sq.sqrt().tolist())])
+        dist.broadcast(k, src=0)
+        self.freeze.frozen = int(k)
+        return int(k)
+
+    def fit(self) -> list[dict]:
+        cfg, rank = self.cfg, self.rank
+        run_dir = Path(cfg.run_dir)
+        records = []
+        if rank == 0:
+            _prepare_run_dir(run_dir)
+            (run_dir / "config.yaml").write_text(_yaml(cfg.to_dict()))
+        _log(rank, f"pipetransformer: {len(self.train_data)} train / {len(self.val_data)} val samples, "
+                   f"{self.model.num_blocks} blocks, {self.world} process(es), device {self.device.type}, "
+                   f"layout {self.rt.layout}, freeze={cfg.freeze.freeze} alpha={cfg.freeze.alpha:.3g}")
+        fit_start = time.perf_counter()
+        for epoch in range(cfg.train.epochs):
+            rt = self.rt
+            rec = {"epoch": epoch + 1, "frozen_layers": rt.frozen, "total_layers": self.model.num_blocks,
+                   "stages": rt.layout.stages, "replicas": rt.layout.replicas,
+                   "micro_batches": rt.micro_batches}
+            rec.update(self._train_epoch(epoch))
+            rec.update(self.evaluate())
+            rec["transition_seconds"] = 0.0
+            if epoch + 1 < cfg.train.epochs:
+                frozen = self._decide()
+                layout = self._next_layout(frozen)
+                if (frozen, layout) != (rt.frozen, rt.layout):
+                    rec["transition_seconds"] = self._transition(frozen, layout)
+                    _log(rank, f"transition after epoch {epoch + 1}: frozen {rt.frozen} -> {frozen} "
+                               f"of {self.model.num_blocks} blocks, layout {rt.layout} -> {layout} "
+                               f"({rec['transition_seconds']:.2f} s)")
+            rec["frozen_after"] = self.freeze.frozen
+            records.append(rec)
+            _log(rank, f"epoch {epoch + 1}: val_accuracy {rec['val_accuracy']:.4f} val_loss "
+                       f"{rec['val_loss']:.4f} train_loss {rec['train_loss']:.4f} | frozen "
+                       f"{rec['frozen_layers']}/{rec['total_layers']} | {rec['stages']} stage(s) x "
+                       f"{rec['replicas']} replica(s), M={rec['micro_batches']} | "
+                       f"{rec['samples_per_second']:.1f} samples/s, {rec['epoch_seconds']:.1f} s")
+            if rank == 0:
+                with open(run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+        # bring every trained weight to rank 0, then save a standard Hugging Face folder
+        migrate(self.model, self.rt, self.rt.frozen, False, self.comm_device)
+        if rank == 0:
+            self._save(run_dir, records, time.perf_counter() - fit_start)
+        dist.barrier()
+        return records
+
+    def _save(self, run_dir: Path, records: list[dict], seconds: float) -> None:
+        from .report import plot_metrics
+        final = run_dir / "final"
+        self.model.hf_model.to("cpu").save_pretrained(final)
+        if self.model.processor is not None:
+            self.model.processor.save_pretrained(final)
+        plot_metrics(records, run_dir / "metrics.png")
+        summary = {"val_accuracy": records[-1]["val_accuracy"], "total_seconds": seconds,
+                   "epochs": len(records), "final_frozen_layers": records[-1]["frozen_after"],
+                   "final_layout": f"{self.rt.layout}"}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _log(0, f"done in {seconds:.1f} s: val_accuracy {summary['val_accuracy']:.4f}; wrote "
+                f"{run_dir}/metrics.jsonl, metrics.png and final/ (Hugging Face format)")
+
+    def close(self) -> None:
+        self.topo.destroy()
+
+
+def _prepare_run_dir(run_dir: Path) -> None:
+    if (run_dir / "metrics.jsonl").exists() or (run_dir / "final").exists():
+        raise FileExistsError(f"--run-dir={str(run_dir)!r} already holds a run; nothing was "
+                              f"overwritten. Pass a new --run-dir or move that folder away")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _yaml(d: dict) -> str:
+    import yaml
+    return yaml.safe_dump(d, sort_keys=False)
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=False)
+
+
+def fine_tune(config: Config | None = None, **overrides) -> list[dict]:
+    """Fine-tune with AutoFreeze in this process group (or a one-process group).
+
+    ``fine_tune(model="path/to/hf-folder", data="reviews.csv", epochs=3)``: keyword arguments
+    name config fields of any section. Returns the per-epoch metrics.
+    """
+    from .cli import apply_overrides
+    cfg = apply_overrides(config or Config(), overrides)
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()

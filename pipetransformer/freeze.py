@@ -1,0 +1,117 @@
+"""AutoFreeze: how many bottom blocks are frozen after each decision point.
+
+The paper's rule, with L blocks, freeze ratio alpha and g_T^l the gradient of block l
+accumulated over interval T:
+
+    k_T = min( k_{T-1} + alpha * (L - k_{T-1}),  argmin_{l in [k_{T-1}, L)} ||g_T^l|| + 1 )
+
+The first term caps the pace. It is tracked as a real number (`budget`) so that, with the
+gradient term off, it reproduces the closed form ceil(L * (1 - (1 - alpha)^T)); when the
+gradient term binds, the budget restarts from the integer k. The second term freezes up to
+*and including* the block with the smallest accumulated gradient norm (blocks are
+0-indexed, hence the +1): that block is the one judged converged. k never decreases.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+__all__ = ["FreezeState", "decide", "closed_form", "GradNormMeter"]
+
+MODES = ("off", "schedule", "adaptive")
+_EPS = 1e-9  # so that ceil(4.0000000001) from float error stays 4
+
+
+@dataclass
+class FreezeState:
+    """Everything AutoFreeze remembers between decisions (saved in checkpoints)."""
+    num_blocks: int
+    frozen: int = 0            # k: blocks 0..k-1 are frozen (the embedding freezes with block 0)
+    budget: float = 0.0        # real-valued cap term, see module docstring
+    decisions: int = 0         # T
+    history: list = field(default_factory=list)  # per decision: {"k", "cap", "norms"}
+
+    def state_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+def _ceil(x: float) -> int:
+    return math.ceil(x - _EPS)
+
+
+def closed_form(num_blocks: int, alpha: float, decisions: int) -> int:
+    """k_T with the gradient term switched off: ceil(L * (1 - (1 - alpha)^T))."""
+    return min(num_blocks, _ceil(num_blocks * (1.0 - (1.0 - alpha) ** decisions)))
+
+
+def decide(state: FreezeState, alpha: float, mode: str, grad_norms: Sequence[float] | None = None) -> int:
+    """Apply one decision to `state` in place and return the new k.
+
+    mode "off": never freeze; "schedule": the cap alone (closed form);
+    "adaptive": the cap and the gradient-norm term (needs grad_norms, one per block).
+    """
+    if mode not in MODES:
+        raise ValueError(f"freeze mode {mode!r}: choose one of {MODES}")
+    L, k = state.num_blocks, state.frozen
+    state.decisions += 1
+    if mode == "off" or k >= L:
+        state.history.append({"k": k, "cap": k, "norms": None})
+        return k
+    budget = state.budget + alpha * (L - state.budget)
+    cap = min(L, _ceil(budget))
+    new_k = cap
+    norms = None
+    if mode == "adaptive":
+        if grad_norms is None or len(grad_norms) != L:
+            raise ValueError(f"adaptive freezing needs {L} gradient norms, got "
+                             f"{None if grad_norms is None else len(grad_norms)}")
+        norms = [float(n) for n in grad_norms]
+        active = norms[k:]
+        converged = k + min(range(len(active)), key=active.__getitem__)
+        new_k = min(cap, converged + 1)
+    assert new_k >= k
+    state.frozen = new_k
+    state.budget = budget if new_k == cap else float(new_k)
+    state.history.append({"k": new_k, "cap": cap, "norms": norms})
+    return new_k
+
+
+class GradNormMeter:
+    """Accumulates each block's gradient over a decision interval; reports the norms.
+
+    The gradient *vectors* are summed over every step of the interval (the paper's
+    accumulated gradient), and the norm is taken once at the end. Only blocks this process
+    owns are tracked; `norms()` returns squared partial sums to be all-reduced over owners.
+    """
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self._sums: dict[tuple[int, str], torch.Tensor] = {}
+
+    def accumulate(self, block_params: dict[int, list[tuple[str, torch.Tensor]]]) -> None:
+        with torch.no_grad():
+            for block, params in block_params.items():
+                for name, p in params:
+                    if p.grad is None:
+                        continue
+                    key = (block, name)
+                    if key in self._sums:
+                        self._sums[key].add_(p.grad)
+                    else:
+                        self._sums[key] = p.grad.detach().float().clone()
+
+    def squared_norms(self) -> torch.Tensor:
+        """Per block, the sum over owned parameters of ||accumulated grad||^2 (float64)."""
+        out = torch.zeros(self.num_blocks, dtype=torch.float64)
+        for (block, _), g in self._sums.items():
+            out[block] += g.double().pow(2).sum().cpu()
+        return out
+
+    def reset(self) -> None:
+        self._sums.clear()
