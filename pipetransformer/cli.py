@@ -75,14 +75,27 @@ def _config_from_args(args) -> Config:
     return cfg
 
 
-def _launch(cfg: Config, argv: list[str]) -> int:
-    """Re-run this command under torchrun with --nproc local processes."""
+def _launch(cfg: Config) -> int:
+    """Re-run as `train --config <resolved config>` under torchrun with --nproc local processes.
+
+    The resolved config travels as a file: torchrun would otherwise claim flags such as
+    --nproc that prefix its own.
+    """
+    import tempfile
+
+    import yaml
+
     n = cfg.parallel.nproc
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-           "-m", "pipetransformer", *argv, "--run-dir", cfg.run_dir]
-    return subprocess.call(cmd, env=env)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="pipetransformer-", delete=False) as f:
+        yaml.safe_dump(cfg.to_dict(), f)
+    try:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+               "-m", "pipetransformer", "train", "--config", f.name]
+        return subprocess.call(cmd, env=env)
+    finally:
+        os.unlink(f.name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     under_torchrun = "LOCAL_WORLD_SIZE" in os.environ
     if cfg.parallel.nproc > 1 and not under_torchrun:
-        return _launch(cfg, argv)
+        return _launch(cfg)
     if cfg.parallel.nproc > 1 and int(os.environ["LOCAL_WORLD_SIZE"]) != cfg.parallel.nproc:
         print(f"error: --nproc={cfg.parallel.nproc} but torchrun started "
               f"{os.environ['LOCAL_WORLD_SIZE']} local processes; make them agree", file=sys.stderr)

@@ -81,7 +81,6 @@ class Trainer:
         self.samples_seen = 0
         self.total_samples = config.train.epochs * self.sampler.steps(self.global_batch) * self.global_batch
         self.comm_device = self.device if self.device.type == "cuda" else torch.device("cpu")
-        self.step_losses: list[float] = []
         self.rt = self._build(0, start, {})
 
     # --- layout --------------------------------------------------------------------------
@@ -212,8 +211,7 @@ class Trainer:
             bar.close()
         dist.all_reduce(local)  # only last stages hold losses: the sum is over replicas
         local /= layout.replicas
-        self.step_losses.extend(local.tolist())
-        return {"train_loss": float(local.mean()), "epoch_seconds": seconds,
+        return {"train_loss": float(local.mean()), "step_losses": local.tolist(), "epoch_seconds": seconds,
                 "samples_per_second": steps * batch_size / seconds, "steps": steps}
 
     @torch.no_grad()

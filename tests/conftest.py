@@ -1,0 +1,77 @@
+"""Shared fixtures: a tiny BERT-family model folder and a small labelled CSV, made on the fly."""
+from __future__ import annotations
+
+import csv
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+WORDS = ["good", "great", "fine", "superb", "bad", "awful", "poor", "dull", "the", "a", "movie",
+         "film", "plot", "was", "is", "very", "not", "actors", "story", "really"]
+POSITIVE, NEGATIVE = WORDS[:4], WORDS[4:8]
+
+
+def make_tokenizer(folder: Path):
+    import transformers
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return transformers.BertTokenizer(vocab_file=str(folder / "vocab.txt"))
+
+
+def make_model_folder(folder: Path, family: str = "bert", layers: int = 8, seed: int = 0) -> Path:
+    """Random-init encoder + tokenizer saved with save_pretrained (what a user would pass)."""
+    import torch
+    import transformers
+    tok = make_tokenizer(folder)
+    torch.manual_seed(seed)
+    # a larger init than BERT's 0.02 keeps the tiny models' gradients well above rounding noise
+    common = dict(vocab_size=tok.vocab_size, num_labels=2, pad_token_id=0, initializer_range=0.1)
+    if family == "distilbert":
+        cfg = transformers.DistilBertConfig(dim=32, n_layers=layers, n_heads=4, hidden_dim=64,
+                                            max_position_embeddings=32, **common)
+        model = transformers.DistilBertForSequenceClassification(cfg)
+    else:
+        cls = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig}[family]
+        cfg = cls(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64,
+                  max_position_embeddings=40, **common)
+        model = transformers.AutoModelForSequenceClassification.from_config(cfg)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def make_csv(path: Path, rows: int = 96, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for i in range(rows):
+            label = i % 2
+            words = rng.choices(WORDS[8:], k=rng.randint(3, 9))
+            words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if label else NEGATIVE))
+            w.writerow([" ".join(words), label])
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return make_model_folder(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_csv(tmp_path_factory) -> Path:
+    return make_csv(tmp_path_factory.mktemp("data") / "reviews.csv")
+
+
+def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`pipetransformer ...` in a fresh interpreter, one thread per process."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "pipetransformer", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)

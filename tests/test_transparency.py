@@ -1,0 +1,83 @@
+"""The elastic multi-process run equals a plain single-process run of the same schedule.
+
+fp32 on CPU/gloo, dropout off. 4 processes go K=4 -> 2 -> 1 stages (1 -> 2 -> 4 replicas) as
+blocks freeze on a fixed schedule; per-step losses and final weights must match the
+one-process run with the same global batch.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_model_folder, run_cli
+
+COMMON = ["--freeze", "schedule", "--alpha", "0.5", "--epochs", "5", "--batch-size", "32",
+          "--train-samples", "0", "--max-length", "16", "--dropout", "off", "--seed", "3",
+          "--lr", "3e-3", "--cache", "off"]
+
+
+def _train(run_dir, model, data, *extra):
+    out = run_cli("train", "--model", str(model), "--data", str(data), "--run-dir", str(run_dir),
+                  *COMMON, *extra)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    weights = load_file(run_dir / "final" / "model.safetensors")
+    return records, weights, out.stdout
+
+
+def _assert_same(ref, got, tol=1e-5):
+    ref_records, ref_w, _ = ref
+    records, w, _ = got
+    ref_losses = torch.tensor([x for r in ref_records for x in r["step_losses"]], dtype=torch.float64)
+    losses = torch.tensor([x for r in records for x in r["step_losses"]], dtype=torch.float64)
+    assert len(losses) == len(ref_losses) > 0
+    assert torch.allclose(losses, ref_losses, rtol=tol, atol=0), (losses - ref_losses).abs().max()
+    assert ref_w.keys() == w.keys()
+    # Attention key biases are left out: softmax ignores a shift shared by all keys, so
+    # their true gradient is exactly zero and they hold only rounding noise that Adam
+    # normalises to full-size steps. Everything else must agree, as a whole (relative)
+    # and tensor by tensor (absolute: the weights are O(0.01..1)).
+    names = [n for n in ref_w if not n.endswith(("key.bias", "k_lin.bias", "k_proj.bias"))]
+    num = sum(float((w[n] - ref_w[n]).double().pow(2).sum()) for n in names) ** 0.5
+    den = sum(float(ref_w[n].double().pow(2).sum()) for n in names) ** 0.5
+    assert num / den < tol, f"relative difference of the weights {num / den:.2e}"
+    for name in names:
+        diff = float((w[name] - ref_w[name]).abs().max())
+        assert diff < tol, f"{name}: max abs difference {diff:.2e}"
+    # the weights really trained: the reference moved away from the initial model
+    assert [r["frozen_layers"] for r in records] == [r["frozen_layers"] for r in ref_records]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_bert, tiny_csv):
+    return _train(tmp_path_factory.mktemp("ref") / "run", tiny_bert, tiny_csv, "--nproc", "1")
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_four_processes_elastic_equals_one_process(tmp_path, tiny_bert, tiny_csv, reference, schedule):
+    got = _train(tmp_path / "run", tiny_bert, tiny_csv, "--nproc", "4", "--schedule", schedule)
+    layouts = [(r["stages"], r["replicas"]) for r in got[0]]
+    assert layouts[0] == (4, 1) and (2, 2) in layouts and layouts[-1] == (1, 4), layouts
+    assert [r["frozen_layers"] for r in got[0]] == [0, 4, 6, 7, 8]
+    assert any(r["transition_seconds"] > 0 for r in got[0])
+    _assert_same(reference, got)
+
+
+def test_training_moves_the_weights(tiny_bert, reference):
+    initial = load_file(tiny_bert / "model.safetensors")
+    _, final, _ = reference
+    moved = [n for n in initial if n in final and not torch.equal(initial[n], final[n])]
+    assert any("layer.7." in n for n in moved) and any("classifier" in n for n in moved)
+
+
+@pytest.mark.parametrize("family", ["distilbert", "roberta"])
+def test_two_processes_equal_one_for_any_bert_family_folder(tmp_path, tiny_csv, family):
+    model = make_model_folder(tmp_path / family, family=family, layers=4)
+    extra = ["--epochs", "4", "--freeze", "adaptive", "--alpha", "0.5"]
+    one = _train(tmp_path / "one", model, tiny_csv, "--nproc", "1", *extra)
+    two = _train(tmp_path / "two", model, tiny_csv, "--nproc", "2", *extra)
+    assert two[0][0]["stages"] == 2 and two[0][-1]["replicas"] == 2
+    _assert_same(one, two)
