@@ -113,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --nproc={cfg.parallel.nproc} but torchrun started "
               f"{os.environ['LOCAL_WORLD_SIZE']} local processes; make them agree", file=sys.stderr)
         return 2
+    from . import distributed
     from .engine import Trainer
+    distributed.raise_on_sigterm()  # torchrun stops peers with SIGTERM: clean up on the way out
     try:
         trainer = Trainer(cfg)
         try:
@@ -123,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown()
     return 0
 
 

@@ -41,7 +41,7 @@ class ModelConfig:
 class DataConfig:
     data: str = _f("rotten-tomatoes", "rotten-tomatoes, imdb, a CSV file with text,label columns, "
                    "an image folder (one sub-folder per class) or an .npz file with arrays x and y")
-    train_samples: int = _f(2048, "use the first N of the shuffled training split (0: all of it)")
+    train_samples: int = _f(1536, "use the first N of the shuffled training split (0: all of it)")
     eval_samples: int = _f(0, "use the first N of the validation split (0: all of it)")
     val_fraction: float = _f(0.1, "fraction of each class held out for validation (stratified, seeded)")
     image_size: int = _f(224, "image side in pixels for image data (resized, no augmentation)")
@@ -125,12 +125,28 @@ class ParallelConfig:
 
 @dataclass
 class CacheConfig:
-    cache: str = _f("off", "store the frozen layers' outputs so later epochs skip them",
+    cache: str = _f("auto", "store the frozen layers' outputs so later epochs skip them; auto: "
+                    "on when reading a batch's entries measures faster than recomputing them",
                     ("auto", "on", "off"))
+    cache_dtype: str = _f("auto", "storage dtype of cached activations; auto: bfloat16 on CUDA, "
+                          "float32 on CPU", ("auto", "float32", "bfloat16"))
+    cache_host_fraction: float = _f(0.25, "host-memory budget of the cache, as a fraction of the "
+                                    "memory available at start; rows beyond it go to disk")
+    cache_host_bytes: int = _f(0, "host-memory budget in bytes (overrides the fraction; 0: use it)")
+    cache_device_fraction: float = _f(0.2, "GPU-memory budget of the cache (single-process runs), "
+                                      "as a fraction of free GPU memory")
 
     def __post_init__(self):
         if self.cache not in ("auto", "on", "off"):
             raise _bad("cache", self.cache, "choose auto, on or off")
+        if self.cache_dtype not in ("auto", "float32", "bfloat16"):
+            raise _bad("cache_dtype", self.cache_dtype, "choose auto, float32 or bfloat16")
+        if not 0 <= self.cache_host_fraction <= 0.9:
+            raise _bad("cache_host_fraction", self.cache_host_fraction, "use a fraction in [0, 0.9]")
+        if self.cache_host_bytes < 0:
+            raise _bad("cache_host_bytes", self.cache_host_bytes, "use 0 or a positive byte count")
+        if not 0 <= self.cache_device_fraction <= 0.9:
+            raise _bad("cache_device_fraction", self.cache_device_fraction, "use a fraction in [0, 0.9]")
 
 
 @dataclass

@@ -7,7 +7,7 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["init", "shutdown", "device_for", "TIMEOUT"]
+__all__ = ["init", "shutdown", "device_for", "raise_on_sigterm", "TIMEOUT"]
 
 TIMEOUT = datetime.timedelta(minutes=10)  # a dead peer ends in an error, never a hang
 
@@ -28,10 +28,20 @@ def init() -> tuple[int, int, torch.device]:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend, timeout=TIMEOUT, device_id=device if device.type == "cuda" else None)
     else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=TIMEOUT)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=TIMEOUT,
+                                device_id=device if device.type == "cuda" else None)
     return dist.get_rank(), dist.get_world_size(), device
 
 
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def raise_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so `finally` blocks (shared-memory cleanup) run."""
+    import signal
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, handler)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -21,11 +22,12 @@ from torch import nn
 from . import distributed
 from .config import Config
 from .data import BatchSampler, Dataset, count_labels, load_data
+from .cache import ActivationCache, available_host_bytes, should_cache
 from .freeze import FreezeState, GradNormMeter, decide
 from .models import StagedModel, load_model
 from .partition import compress
 from .topology import Layout, Topology
-from .transition import FROZEN_FACTOR, Runtime, build_runtime, migrate, plan_layout
+from .transition import FROZEN_FACTOR, Runtime, UnitSequence, build_runtime, migrate, plan_layout
 
 __all__ = ["Trainer", "fine_tune"]
 
@@ -82,6 +84,8 @@ class Trainer:
         self.total_samples = config.train.epochs * self.sampler.steps(self.global_batch) * self.global_batch
         self.comm_device = self.device if self.device.type == "cuda" else torch.device("cpu")
         self.rt = self._build(0, start, {})
+        self.cache: ActivationCache | None = None
+        self.cache_note = "off" if config.cache.cache == "off" else "waiting for frozen layers"
 
     # --- layout --------------------------------------------------------------------------
     def _replica_batch(self, layout: Layout) -> int:
@@ -105,17 +109,96 @@ class Trainer:
         if not self.cfg.parallel.elastic:
             return layout
         frozen_units, active, _ = plan_layout(self.model, frozen, 1)
-        frozen_cost = FROZEN_FACTOR * sum(u.param_count() for u in frozen_units)
-        k = compress([u.param_count() for u in active], frozen_cost, layout.stages, self.world, self.budget)
+        frozen_cost = FROZEN_FACTOR * sum(u.cost() for u in frozen_units)
+        k = compress([u.cost() for u in active], frozen_cost, layout.stages, self.world, self.budget)
         return Layout(self.world, k)
 
     def _transition(self, frozen: int, layout: Layout) -> float:
-        """Apply (frozen, layout): migrate weights and optimizer state, rebuild. Seconds taken."""
+        """Apply (frozen, layout): migrate weights and optimizer state, rebuild, bring the
+        cache to the new frozen count. Seconds taken."""
         start = time.perf_counter()
+        old_frozen = self.rt.frozen
         opt_state, _ = migrate(self.model, self.rt, frozen, self.samples_seen > 0, self.comm_device)
         self.rt = self._build(frozen, layout, opt_state)
+        if frozen > old_frozen and self.cfg.cache.cache != "off":
+            self._update_cache(old_frozen, frozen)
         dist.barrier()
         return time.perf_counter() - start
+
+    # --- AutoCache -----------------------------------------------------------------------
+    def _update_cache(self, old_frozen: int, frozen: int) -> None:
+        if self.cache is not None:  # incremental: entries at old_frozen go through the new blocks
+            newly = UnitSequence([u for u in self.model.units if old_frozen <= u.freeze_index < frozen],
+                                 self.device).eval()
+
+            @torch.no_grad()
+            def run_blocks(hidden, rows):
+                extras = [x.to(self.device) for x in self.model.inputs(self.train_data.batch(rows))[1:]]
+                return newly(hidden.to(self.device, self.cache_out_dtype), *extras)[0]
+            local_rank, local_world = _local_rank_world()
+            mine = torch.arange(len(self.train_data))[local_rank::local_world]
+            self.cache.advance(frozen, run_blocks, mine, self.global_batch)
+            return
+        self._start_cache(frozen)
+
+    def _start_cache(self, frozen: int) -> None:
+        """Create the cache at the first frozen prefix; in auto mode keep it only if reading a
+        batch's entries measures faster than recomputing them (probed on rank 0)."""
+        cc = self.cfg.cache
+        rows = torch.arange(min(len(self.train_data), self.global_batch))
+        probe = [None]
+        if self.rank == 0:  # rank 0 is the first stage of replica 0: it holds the prefix
+            inputs = [x.to(self.device) for x in self.model.inputs(self.train_data.batch(rows))]
+            with torch.no_grad():
+                out = self.rt.prefix(*inputs)[0]
+                seconds = _timed(lambda: self.rt.prefix(*inputs), self.device)
+            probe = [(tuple(out.shape[1:]), out.dtype, seconds)]
+        dist.broadcast_object_list(probe, src=0)
+        row_shape, self.cache_out_dtype, prefix_seconds = probe[0]
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
+            cc.cache_dtype, torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        host = cc.cache_host_bytes or int(cc.cache_host_fraction * available_host_bytes())
+        device_budget = 0
+        if self.device.type == "cuda" and self.world == 1:
+            device_budget = int(cc.cache_device_fraction * torch.cuda.mem_get_info(self.device)[0])
+        run_id = [f"{os.getpid()}-{time.time_ns()}"]
+        dist.broadcast_object_list(run_id, src=0)
+        self.cache = ActivationCache(len(self.train_data), row_shape, dtype, run_id[0],
+                                     Path(self.cfg.run_dir) / "cache", host, self.device, device_budget,
+                                     _local_rank_world()[0], dist.barrier)
+        self.cache.open_level(frozen)
+        if cc.cache == "auto":
+            verdict = [None]
+            if self.rank == 0:
+                self._cached_prefix(self.train_data.batch(rows))  # fill the probe rows
+                read = self.cache.read_seconds(rows)
+                verdict = [(should_cache(prefix_seconds, read), read)]
+            dist.broadcast_object_list(verdict, src=0)
+            keep, read = verdict[0]
+            self.cache_note = (f"{'on' if keep else 'off'}: prefix {1e3 * prefix_seconds:.1f} ms vs "
+                               f"read {1e3 * read:.1f} ms per batch")
+            self.cache.reset_counters()
+            if not keep:
+                self.cache.close()
+                self.cache = None
+                return
+        else:
+            self.cache_note = "on"
+        _log(self.rank, f"cache {self.cache_note}; tier {self.cache.stats()['cache_tier']}, "
+                        f"{self.cache.stats()['cache_bytes'] / 2**20:.0f} MiB")
+
+    def _cached_prefix(self, batch: dict) -> tuple:
+        inputs = tuple(x.to(self.device) for x in self.model.inputs(batch))
+
+        def compute(pos):
+            with torch.no_grad():
+                return self.rt.prefix(*(x[pos.to(x.device)] for x in inputs))[0]
+        hidden = self.cache.fetch(batch["index"], compute, self.cache_out_dtype)
+        return (hidden, *inputs[1:])
+
+    def _cache_active(self) -> bool:
+        return (self.cache is not None and self.cache.level is not None
+                and self.cache.level.k == self.rt.frozen and self.rt.prefix is not None)
 
     # --- one step ------------------------------------------------------------------------
     def _lr(self) -> float:
@@ -127,8 +210,10 @@ class Trainer:
             if self.cfg.parallel.batch_policy == "per-replica" else 1.0
         return t.lr * factor * scale
 
-    def _inputs(self, batch: dict) -> tuple:
-        """Stage-0 inputs: raw model inputs, or the frozen prefix's output."""
+    def _inputs(self, batch: dict, train: bool) -> tuple:
+        """Stage-0 inputs: raw model inputs, or the frozen prefix's output (cached in training)."""
+        if train and self._cache_active():
+            return self._cached_prefix(batch)
         inputs = tuple(x.to(self.device) for x in self.model.inputs(batch))
         if self.rt.prefix is not None:
             with torch.no_grad():
@@ -137,7 +222,7 @@ class Trainer:
 
     def _run_schedule(self, batch: dict, train: bool):
         rt, losses = self.rt, []
-        args = self._inputs(batch) if rt.is_first else ()
+        args = self._inputs(batch, train) if rt.is_first else ()
         kwargs = {}
         if rt.is_last:  # the schedule computes the loss on the last stage, eval included
             kwargs = {"target": batch["labels"].to(self.device), "losses": losses}
@@ -196,8 +281,14 @@ class Trainer:
         local = torch.zeros(steps, dtype=torch.float64)
         bar = _bar(steps, f"epoch {epoch + 1}/{self.cfg.train.epochs}", self.progress)
         start = time.perf_counter()
+        prefetch = rt.is_first and self._cache_active()
+        if self.cache is not None:
+            self.cache.reset_counters()
         for step in range(steps):
             rows = self.sampler.replica_rows(order, step, batch_size, rt.replica, layout.replicas)
+            if prefetch and step + 1 < steps:  # read the next batch's entries during this step
+                self.cache.prefetch(self.sampler.replica_rows(order, step + 1, batch_size, rt.replica,
+                                                              layout.replicas))
             local[step] = self._train_step(self.train_data.batch(rows))
             self.samples_seen += batch_size
             if bar is not None:
@@ -209,9 +300,12 @@ class Trainer:
         seconds = time.perf_counter() - start
         if bar is not None:
             bar.close()
-        dist.all_reduce(local)  # only last stages hold losses: the sum is over replicas
+        local = self._sum_over_world(local)  # only last stages hold losses: a sum over replicas
         local /= layout.replicas
-        return {"train_loss": float(local.mean()), "step_losses": local.tolist(), "epoch_seconds": seconds,
+        stats = self.cache.stats() if self.cache is not None else \
+            {"cache_hits": 0, "cache_bytes": 0, "cache_tier": "off"}
+        stats["cache_hits"] = int(self._sum_over_world(torch.tensor([float(stats["cache_hits"])]))[0])
+        return {**stats, "train_loss": float(local.mean()), "step_losses": local.tolist(), "epoch_seconds": seconds,
                 "samples_per_second": steps * batch_size / seconds, "steps": steps}
 
     @torch.no_grad()
@@ -238,16 +332,23 @@ class Trainer:
                         float((logits.argmax(-1) == labels).sum()), float(keep.sum())], dtype=torch.float64)
         finally:
             rt.module.train(self.cfg.train.dropout)
-        dist.all_reduce(totals)
+        totals = self._sum_over_world(totals)
         return {"val_loss": float(totals[0] / totals[2]), "val_accuracy": float(totals[1] / totals[2])}
+
+    def _sum_over_world(self, t: torch.Tensor) -> torch.Tensor:
+        """All-reduce a small host tensor (NCCL needs it on the GPU and back)."""
+        x = t.to(self.comm_device)
+        dist.all_reduce(x)
+        return x.cpu()
 
     def _decide(self) -> int:
         """All-reduce the interval's gradient norms; rank 0's decision is everyone's."""
         sq = self.meter.squared_norms()
-        dist.all_reduce(sq)  # each block counted once: only replica 0 accumulates
+        sq = self._sum_over_world(sq)  # each block counted once: only replica 0 accumulates
         self.meter.reset()
         fc = self.cfg.freeze
-        k = torch.tensor([decide(self.freeze, fc.alpha, fc.freeze, sq.sqrt().tolist())])
+        k = torch.tensor([decide(self.freeze, fc.alpha, fc.freeze, sq.sqrt().tolist())],
+                         device=self.comm_device)
         dist.broadcast(k, src=0)
         self.freeze.frozen = int(k)
         return int(k)
@@ -311,7 +412,26 @@ class Trainer:
                 f"{run_dir}/metrics.jsonl, metrics.png and final/ (Hugging Face format)")
 
     def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
+            self.cache = None
         self.topo.destroy()
+
+
+def _local_rank_world() -> tuple[int, int]:
+    return int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+def _timed(fn, device, repeat: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        with torch.no_grad():
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def _prepare_run_dir(run_dir: Path) -> None:

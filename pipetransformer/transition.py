@@ -31,14 +31,16 @@ FROZEN_FACTOR = 1 / 6  # a frozen unit's memory relative to an active one (no gr
 class UnitSequence(nn.Module):
     """Units run in order; passes the extras (attention mask) along except after the head."""
 
-    def __init__(self, units: list[Unit]):
+    def __init__(self, units: list[Unit], device):
         super().__init__()
         self.units = nn.ModuleList(u.module for u in units)
         self.ends_with_head = bool(units) and units[-1].name == "head"
+        self.bf16 = torch.device(device).type == "cuda"  # bf16 autocast on CUDA, fp32 on CPU
 
     def forward(self, x, *extras):
-        for unit in self.units:
-            x = unit(x, *extras)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
+            for unit in self.units:
+                x = unit(x, *extras)
         return x if self.ends_with_head else (x, *extras)
 
 
@@ -46,8 +48,8 @@ def plan_layout(model: StagedModel, frozen: int, stages: int) -> tuple[list[Unit
     """(frozen units, active units, partition of the active units over `stages`)."""
     frozen_units = [u for u in model.units if u.freeze_index < frozen]
     active = [u for u in model.units if u.freeze_index >= frozen]
-    frozen_cost = FROZEN_FACTOR * sum(u.param_count() for u in frozen_units)
-    plan = balance([u.param_count() for u in active], stages, frozen_cost=frozen_cost)
+    frozen_cost = FROZEN_FACTOR * sum(u.cost() for u in frozen_units)
+    plan = balance([u.cost() for u in active], stages, frozen_cost=frozen_cost)
     return frozen_units, active, plan
 
 
@@ -94,8 +96,8 @@ def build_runtime(model: StagedModel, frozen: int, layout: Layout, topo: Topolog
         for p in u.module.parameters():
             p.requires_grad_(u.freeze_index >= frozen)
             p.grad = None
-    prefix = UnitSequence(frozen_units).eval() if stage == 0 and frozen_units else None
-    module = UnitSequence(mine).train(dropout)
+    prefix = UnitSequence(frozen_units, device).eval() if stage == 0 and frozen_units else None
+    module = UnitSequence(mine, device).train(dropout)
     params = [np for u in mine for np in model.named_parameters(u)]
     optimizer = _optimizer(params, optim, opt_state) if params else None
     m = micro_batches or choose_microbatches(layout.stages, replica_batch)

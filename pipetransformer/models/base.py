@@ -25,6 +25,16 @@ class Unit:
     def param_count(self) -> int:
         return sum(p.numel() for p in self.module.parameters())
 
+    def cost(self) -> int:
+        """Partitioning weight: parameters that do matrix work per token.
+
+        Embedding tables are left out: a lookup costs no FLOPs, yet counting them (the paper's
+        parameter-size rule) puts a small BERT's whole vocabulary on stage 0 and nearly all of
+        its compute on stage 1.
+        """
+        tables = {id(m.weight) for m in self.module.modules() if isinstance(m, nn.Embedding)}
+        return sum(p.numel() for p in self.module.parameters() if id(p) not in tables)
+
 
 class SubBlock(nn.Module):
     """Part of a Hugging Face layer: owns the named children it uses, runs `fn` on them.

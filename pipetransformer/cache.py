@@ -1,0 +1,245 @@
+"""AutoCache: the frozen prefix's output for each training sample, keyed by sample index.
+
+One *level* holds the outputs of the first k frozen blocks for every training row: a slab
+of shape (rows, *row_shape) split by row range over tiers, each within a byte budget:
+
+  device  this process's GPU memory; only for a single-process run (not shared)
+  host    a file in /dev/shm, mapped by every process of the machine, so replicas that
+          AutoDP adds read entries the others wrote
+  disk    a memory-mapped file in the run folder, for what the host budget cannot hold
+
+A byte per row says whether the entry is filled. Entries are filled while training runs
+(the first epoch at a level computes the prefix and stores it); a later read of a missing
+row computes it then. When more blocks freeze (k -> k'), the filled entries go once through
+blocks k..k'-1 into a new level and the old level is freed (`advance`). The next batch's
+entries are read ahead on a background thread while the current step computes.
+
+Files are removed by `close()`, at exit, and on SIGTERM (see distributed.raise_on_sigterm).
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+__all__ = ["ActivationCache", "available_host_bytes", "should_cache"]
+
+SHM_DIR = Path("/dev/shm")
+
+
+def available_host_bytes() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def should_cache(prefix_seconds: float, read_seconds: float) -> bool:
+    """The policy: a cache pays when reading a batch's entries beats recomputing them."""
+    return prefix_seconds > read_seconds
+
+
+@dataclass
+class _Part:
+    """Rows [start, stop) of a level, in one tier."""
+    tier: str
+    start: int
+    stop: int
+    data: torch.Tensor
+    path: Path | None
+
+
+class _Level:
+    def __init__(self, k: int, parts: list[_Part], valid: torch.Tensor, valid_path: Path):
+        self.k, self.parts, self.valid, self.valid_path = k, parts, valid, valid_path
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.data.numel() * p.data.element_size() for p in self.parts)
+
+    @property
+    def tier(self) -> str:
+        return "+".join(p.tier for p in self.parts if p.stop > p.start)
+
+
+class ActivationCache:
+    """A node-shared, tiered store of frozen-prefix outputs. Every process of the run makes
+    one with the same arguments; `local_rank` 0 of each machine creates and removes files."""
+
+    def __init__(self, num_rows: int, row_shape: tuple[int, ...], dtype: torch.dtype, run_id: str,
+                 disk_dir: Path, host_budget: int, device: torch.device, device_budget: int,
+                 local_rank: int, barrier: Callable[[], None]):
+        self.num_rows, self.row_shape, self.dtype = num_rows, tuple(row_shape), dtype
+        self.row_bytes = int(torch.Size(row_shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        self.prefix = f"pipetransformer-{run_id}-{socket.gethostname()}"
+        self.disk_dir, self.host_budget = Path(disk_dir), host_budget
+        self.device, self.device_budget = device, device_budget
+        self.local_rank, self._barrier = local_rank, barrier
+        self.level: _Level | None = None
+        self.hits = self.misses = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-prefetch")
+        self._ahead: tuple[torch.Tensor, object] | None = None
+        self._paths: set[Path] = set()
+        atexit.register(self.close)
+
+    # --- levels ------------------------------------------------------------------------
+    def open_level(self, k: int) -> None:
+        """Allocate level k (collective over the run's processes). Budgets hold the old level
+        too, which lives until `advance` frees it."""
+        in_use = {"host": 0, "device": 0}
+        if self.level is not None:
+            for p in self.level.parts:
+                if p.tier in in_use:
+                    in_use[p.tier] += p.data.numel() * p.data.element_size()
+        rows_dev = 0
+        if self.device.type == "cuda":
+            rows_dev = min(self.num_rows, max(0, self.device_budget - in_use["device"]) // self.row_bytes)
+        rows_host = min(self.num_rows - rows_dev, max(0, self.host_budget - in_use["host"]) // self.row_bytes)
+        bounds = [("device", 0, rows_dev), ("host", rows_dev, rows_dev + rows_host),
+                  ("disk", rows_dev + rows_host, self.num_rows)]
+        parts = []
+        for tier, start, stop in bounds:
+            if stop <= start:
+                continue
+            if tier == "device":
+                data, path = torch.empty((stop - start, *self.row_shape), dtype=self.dtype,
+                                         device=self.device), None
+            else:
+                folder = SHM_DIR if tier == "host" else self.disk_dir
+                path = folder / f"{self.prefix}-k{k}-{tier}.bin"
+                data = self._map(path, (stop - start, *self.row_shape), self.dtype)
+            parts.append(_Part(tier, start, stop, data, path))
+        valid_path = SHM_DIR / f"{self.prefix}-k{k}-valid.bin"
+        valid = self._map(valid_path, (self.num_rows,), torch.uint8, zero=True)
+        self.level = _Level(k, parts, valid, valid_path)
+
+    def _map(self, path: Path, shape, dtype, zero: bool = False) -> torch.Tensor:
+        numel = int(torch.Size(shape).numel())
+        self._paths.add(path)
+        if self.local_rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as f:  # sized, sparse: pages appear as rows are written
+                f.truncate(numel * torch.empty((), dtype=dtype).element_size())
+        self._barrier()
+        t = torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape)
+        if zero:
+            assert not t.any()  # a new file reads as zeros: no row is valid yet
+        return t
+
+    def _free(self, level: _Level) -> None:
+        self._barrier()  # nobody reads the old level any more
+        for path in [p.path for p in level.parts if p.path is not None] + [level.valid_path]:
+            self._paths.discard(path)
+            if self.local_rank == 0:
+                path.unlink(missing_ok=True)
+
+    # --- rows ----------------------------------------------------------------------------
+    def _read(self, rows: torch.Tensor) -> torch.Tensor:
+        out = torch.empty((len(rows), *self.row_shape), dtype=self.dtype)
+        for p in self.level.parts:
+            sel = (rows >= p.start) & (rows < p.stop)
+            if sel.any():
+                out[sel] = p.data[(rows[sel] - p.start).to(p.data.device)].to("cpu")
+        return out
+
+    def _write(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        values = values.detach().to(self.dtype)
+        for p in self.level.parts:
+            sel = (rows >= p.start) & (rows < p.stop)
+            if sel.any():
+                p.data[(rows[sel] - p.start).to(p.data.device)] = values[sel.to(values.device)].to(p.data.device)
+        self.level.valid[rows] = 1  # after the data: a reader never sees a half-written row
+
+    def _lookup(self, rows: torch.Tensor):
+        hit = self.level.valid[rows].bool()
+        return hit, self._read(rows[hit])
+
+    def prefetch(self, rows: torch.Tensor) -> None:
+        """Start reading `rows`' entries in the background; `fetch(rows)` picks them up."""
+        if self.level is not None:
+            self._ahead = (rows, self._pool.submit(self._lookup, rows))
+
+    def fetch(self, rows: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor],
+              out_dtype: torch.dtype) -> torch.Tensor:
+        """Entries for `rows` on this process's device; missing ones are computed by
+        `compute(positions in rows)` and stored."""
+        if self._ahead is not None and torch.equal(self._ahead[0], rows):
+            hit, cached = self._ahead[1].result()
+        else:
+            hit, cached = self._lookup(rows)
+        self._ahead = None
+        out = torch.empty((len(rows), *self.row_shape), dtype=out_dtype, device=self.device)
+        if hit.any():
+            out[hit.to(self.device)] = cached.to(self.device, out_dtype, non_blocking=True)
+        miss = ~hit
+        if miss.any():
+            pos = miss.nonzero().flatten()
+            values = compute(pos)
+            out[miss.to(self.device)] = values.to(out_dtype)
+            self._write(rows[pos], values)
+        self.hits += int(hit.sum())
+        self.misses += int(miss.sum())
+        return out
+
+    def advance(self, k: int, run_blocks: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                my_rows: torch.Tensor, chunk: int) -> int:
+        """Move filled entries from the current level to level k through `run_blocks(hidden,
+        rows)`. Each process converts `my_rows`; collective. Returns rows converted here."""
+        old = self.level
+        self.open_level(k)
+        new, self.level = self.level, old
+        done = 0
+        for start in range(0, len(my_rows), chunk):
+            rows = my_rows[start:start + chunk]
+            rows = rows[old.valid[rows].bool()]
+            if len(rows):
+                hidden = self._read(rows)
+                self.level = new
+                self._write(rows, run_blocks(hidden, rows))
+                self.level = old
+                done += len(rows)
+        self.level = new
+        self._free(old)
+        return done
+
+    def stats(self) -> dict:
+        lvl = self.level
+        return {"cache_hits": self.hits, "cache_bytes": lvl.nbytes if lvl else 0,
+                "cache_tier": lvl.tier if lvl else "off"}
+
+    def reset_counters(self) -> None:
+        self.hits = self.misses = 0
+
+    def read_seconds(self, rows: torch.Tensor, repeat: int = 3) -> float:
+        """Measured time to read `rows`' entries (for the on/off policy)."""
+        best = float("inf")
+        for _ in range(repeat):
+            start = time.perf_counter()
+            self._read(rows).to(self.device)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    def close(self) -> None:
+        """Remove every file this cache made (idempotent)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self.local_rank == 0:
+            for path in list(self._paths):
+                path.unlink(missing_ok=True)
+        self._paths.clear()
+        self.level = None
+        try:
+            os.rmdir(self.disk_dir)
+        except OSError:
+            pass

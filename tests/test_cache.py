@@ -1,0 +1,163 @@
+"""AutoCache: tiers and budgets, incremental levels, clean-up, and training equal to no cache."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipetransformer.cache import SHM_DIR, ActivationCache, should_cache
+
+from conftest import run_cli
+
+
+def _cache(tmp_path, rows=10, host_budget=10**9, dtype=torch.float32):
+    return ActivationCache(rows, (3, 4), dtype, f"test-{os.getpid()}-{time.time_ns()}", tmp_path / "cache",
+                           host_budget, torch.device("cpu"), 0, 0, lambda: None)
+
+
+def _shm_files(cache):
+    return sorted(SHM_DIR.glob(cache.prefix + "*"))
+
+
+@pytest.mark.parametrize("host_rows", [10, 4, 0])
+def test_rows_round_trip_through_every_tier(tmp_path, host_rows):
+    cache = _cache(tmp_path, host_budget=host_rows * 3 * 4 * 4)
+    try:
+        cache.open_level(2)
+        tiers = {p.tier: p.stop - p.start for p in cache.level.parts}
+        assert tiers.get("host", 0) == host_rows and tiers.get("disk", 0) == 10 - host_rows
+        assert sum(p.data.numel() * 4 for p in cache.level.parts if p.tier == "host") <= host_rows * 48
+        values = torch.randn(10, 3, 4)
+        computed = []
+
+        def compute(pos):
+            computed.append(pos.clone())
+            return values[rows[pos]]
+        rows = torch.tensor([7, 1, 9, 4])
+        assert torch.equal(cache.fetch(rows, compute, torch.float32), values[rows])
+        rows = torch.tensor([4, 0, 7, 3])  # 4 and 7 hit, 0 and 3 are computed
+        cache.prefetch(rows)
+        assert torch.equal(cache.fetch(rows, compute, torch.float32), values[rows])
+        assert computed[-1].tolist() == [1, 3] and (cache.hits, cache.misses) == (2, 6)
+    finally:
+        cache.close()
+    assert not _shm_files(cache) and not (tmp_path / "cache").exists()
+
+
+def test_advance_moves_filled_rows_through_new_blocks_and_frees_the_old_level(tmp_path):
+    cache = _cache(tmp_path, host_budget=6 * 48)  # both levels must share the budget
+    try:
+        cache.open_level(1)
+        values = torch.randn(10, 3, 4)
+        filled = torch.tensor([0, 2, 5, 8])
+        cache.fetch(filled, lambda pos: values[filled[pos]], torch.float32)
+        old_files = _shm_files(cache)
+        converted = cache.advance(3, lambda h, rows: 2 * h + rows.view(-1, 1, 1), torch.arange(10), chunk=3)
+        assert converted == 4 and cache.level.k == 3
+        assert not any(f.exists() for f in old_files if "-k1-" in f.name)
+        host_rows = sum(p.stop - p.start for p in cache.level.parts if p.tier == "host")
+        assert host_rows == 0  # the 6-row host budget was held by level 1 while level 3 filled
+        got = cache.fetch(filled, lambda pos: pytest.fail("should hit"), torch.float32)
+        assert torch.allclose(got, 2 * values[filled] + filled.view(-1, 1, 1))
+        assert cache.level.valid.sum() == 4
+    finally:
+        cache.close()
+    assert not _shm_files(cache)
+
+
+def test_host_budget_counts_the_level_still_alive(tmp_path):
+    cache = _cache(tmp_path, host_budget=12 * 48)
+    try:
+        cache.open_level(1)  # 10 rows on the host
+        cache.advance(2, lambda h, rows: h, torch.arange(10), chunk=5)
+        # while level 1 (10 rows) lived, only 2 rows of level 2 fitted the 12-row budget
+        assert {p.tier: p.stop - p.start for p in cache.level.parts} == {"host": 2, "disk": 8}
+    finally:
+        cache.close()
+
+
+def test_bfloat16_storage_and_policy():
+    assert should_cache(prefix_seconds=0.02, read_seconds=0.001)
+    assert not should_cache(prefix_seconds=0.001, read_seconds=0.002)
+
+
+def test_bfloat16_rows(tmp_path):
+    cache = _cache(tmp_path, dtype=torch.bfloat16)
+    try:
+        cache.open_level(1)
+        x = torch.randn(2, 3, 4)
+        rows = torch.tensor([3, 6])
+        cache.fetch(rows, lambda pos: x[pos], torch.float32)
+        got = cache.fetch(rows, lambda pos: pytest.fail("should hit"), torch.float32)
+        assert torch.allclose(got, x.to(torch.bfloat16).float()) and cache.stats()["cache_bytes"] == 10 * 12 * 2
+    finally:
+        cache.close()
+
+
+# --- training with the cache equals training without it -----------------------------------
+
+ARGS = ["--freeze", "schedule", "--alpha", "0.5", "--epochs", "5", "--batch-size", "32",
+        "--train-samples", "0", "--max-length", "16", "--dropout", "off", "--seed", "5", "--lr", "3e-3"]
+
+
+def _run(run_dir, model, data, *extra):
+    out = run_cli("train", "--model", str(model), "--data", str(data), "--run-dir", str(run_dir), *ARGS, *extra)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert not (run_dir / "cache").exists() and not list(SHM_DIR.glob("pipetransformer-*"))
+    return records, load_file(run_dir / "final" / "model.safetensors")
+
+
+def _assert_equal(a, b, tol=1e-6):
+    la = torch.tensor([x for r in a[0] for x in r["step_losses"]], dtype=torch.float64)
+    lb = torch.tensor([x for r in b[0] for x in r["step_losses"]], dtype=torch.float64)
+    assert len(la) == len(lb) and torch.allclose(la, lb, rtol=tol, atol=0), (la - lb).abs().max()
+    for name in a[1]:
+        assert torch.allclose(a[1][name], b[1][name], rtol=0, atol=1e-6), name
+
+
+@pytest.mark.parametrize("nproc", ["1", "2"])
+def test_cache_on_equals_cache_off_across_transitions_and_reshards(tmp_path, tiny_bert, tiny_csv, nproc):
+    off = _run(tmp_path / "off", tiny_bert, tiny_csv, "--nproc", nproc, "--cache", "off")
+    on = _run(tmp_path / "on", tiny_bert, tiny_csv, "--nproc", nproc, "--cache", "on")
+    hits = [r["cache_hits"] for r in on[0]]
+    assert hits[:2] == [0, 0] and sum(hits[2:]) > 0, hits  # filled at the first frozen level, read later
+    assert {r["cache_tier"] for r in on[0][1:]} == {"host"} and all(r["cache_bytes"] > 0 for r in on[0][1:])
+    if nproc == "2":
+        assert [r["replicas"] for r in on[0]][0] == 1 and on[0][-1]["replicas"] == 2
+    _assert_equal(off, on)
+
+
+def test_tiny_host_budget_spills_to_disk_with_the_same_result(tmp_path, tiny_bert, tiny_csv):
+    off = _run(tmp_path / "off", tiny_bert, tiny_csv, "--cache", "off")
+    disk = _run(tmp_path / "disk", tiny_bert, tiny_csv, "--cache", "on", "--cache-host-bytes", "20000")
+    assert "disk" in disk[0][-1]["cache_tier"] and sum(r["cache_hits"] for r in disk[0]) > 0
+    _assert_equal(off, disk)
+
+
+def test_a_stopped_run_leaves_no_shared_memory(tmp_path, tiny_bert, tiny_csv):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "pipetransformer", "train", "--model", str(tiny_bert),
+                             "--data", str(tiny_csv), "--run-dir", str(tmp_path / "run"), *ARGS,
+                             "--epochs", "400", "--cache", "on", "--cache-host-bytes", "20000"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not list(SHM_DIR.glob("pipetransformer-*")) and time.time() < deadline:
+            assert proc.poll() is None, "the run ended before it built its cache"
+            time.sleep(0.2)
+        assert list(SHM_DIR.glob("pipetransformer-*")) and (tmp_path / "run" / "cache").exists()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) != 0
+    finally:
+        proc.kill()
+    assert not list(SHM_DIR.glob("pipetransformer-*"))
+    assert not list((tmp_path / "run" / "cache").glob("*"))

@@ -1,0 +1,89 @@
+"""AutoFreeze: the paper's rule as a pure function."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipetransformer.freeze import FreezeState, GradNormMeter, closed_form, decide
+
+# SPEC.md, L = 12
+SPEC = {1 / 3: [0, 4, 7, 9, 10, 11, 11, 12], 1 / 4: [0, 3, 6, 7, 9, 10, 10, 11, 11, 12],
+        1 / 2: [0, 6, 9, 11, 12], 1 / 5: [0, 3, 5, 6, 8, 9, 9, 10, 10, 11]}
+
+
+@pytest.mark.parametrize("alpha", sorted(SPEC))
+def test_schedule_mode_reproduces_the_closed_form_of_the_spec(alpha):
+    state = FreezeState(12)
+    seq = [0] + [decide(state, alpha, "schedule") for _ in range(len(SPEC[alpha]) - 1)]
+    assert seq == SPEC[alpha]
+    assert [closed_form(12, alpha, t) for t in range(len(seq))] == SPEC[alpha]
+
+
+@pytest.mark.parametrize("num_blocks", [6, 12, 24])
+@pytest.mark.parametrize("alpha", [0.2, 1 / 3, 0.5])
+def test_adaptive_without_a_binding_gradient_term_follows_the_cap(num_blocks, alpha):
+    # decreasing norms put the argmin on the last block, so only the cap can bind
+    state = FreezeState(num_blocks)
+    norms = list(range(num_blocks, 0, -1))
+    got = [decide(state, alpha, "adaptive", norms) for _ in range(12)]
+    assert got == [closed_form(num_blocks, alpha, t) for t in range(1, 13)]
+    assert got[-1] <= num_blocks
+
+
+def test_gradient_term_freezes_up_to_and_including_the_smallest_norm():
+    state = FreezeState(12)
+    norms = [5.0] * 12
+    norms[1] = 0.1  # block 1 judged converged: blocks 0 and 1 freeze, cap (4) does not bind
+    assert decide(state, 1 / 3, "adaptive", norms) == 2
+    assert state.budget == 2.0  # the cap restarts from the integer k
+    # next: argmin among active blocks [2, 12) only; frozen blocks' norms are ignored
+    norms = [0.0, 0.0] + [3.0] * 10
+    norms[9] = 0.5
+    assert decide(state, 1 / 3, "adaptive", norms) == min(math.ceil(2 + (12 - 2) / 3), 10)
+
+
+def test_cap_binds_when_the_converged_block_is_high():
+    state = FreezeState(12)
+    norms = [9.0] * 11 + [0.01]
+    assert decide(state, 1 / 4, "adaptive", norms) == 3
+
+
+@pytest.mark.parametrize("num_blocks", [6, 12, 24])
+def test_k_never_decreases_and_stays_in_range(num_blocks):
+    gen = torch.Generator().manual_seed(num_blocks)
+    state, last = FreezeState(num_blocks), 0
+    for _ in range(40):
+        k = decide(state, 0.3, "adaptive", torch.rand(num_blocks, generator=gen).tolist())
+        assert last <= k <= num_blocks
+        last = k
+    assert last == num_blocks
+
+
+def test_off_mode_never_freezes_and_bad_input_is_named():
+    state = FreezeState(6)
+    assert [decide(state, 0.5, "off") for _ in range(5)] == [0] * 5
+    with pytest.raises(ValueError, match="6 gradient norms"):
+        decide(FreezeState(6), 0.5, "adaptive", [1.0] * 5)
+    with pytest.raises(ValueError, match="freeze mode"):
+        decide(FreezeState(6), 0.5, "sometimes")
+
+
+def test_state_round_trips():
+    a = FreezeState(12)
+    decide(a, 0.25, "schedule")
+    b = FreezeState(12)
+    b.load_state_dict(a.state_dict())
+    assert decide(a, 0.25, "schedule") == decide(b, 0.25, "schedule") == 6
+
+
+def test_meter_sums_gradient_vectors_over_the_interval():
+    p = torch.nn.Parameter(torch.zeros(3))
+    meter = GradNormMeter(2)
+    for g in ([1.0, 0.0, 0.0], [-1.0, 2.0, 0.0]):  # summed: [0, 2, 0] -> norm 2, not 1 + sqrt(5)
+        p.grad = torch.tensor(g)
+        meter.accumulate({1: [("w", p)]})
+    assert meter.squared_norms().tolist() == [0.0, 4.0]
+    meter.reset()
+    assert meter.squared_norms().tolist() == [0.0, 0.0]
