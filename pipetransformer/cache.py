@@ -144,20 +144,29 @@ class ActivationCache:
                 path.unlink(missing_ok=True)
 
     # --- rows ----------------------------------------------------------------------------
+    # Positions are computed on the CPU and moved as index tensors: a boolean mask on the
+    # device would make every read wait for the GPU.
     def _read(self, rows: torch.Tensor) -> torch.Tensor:
-        out = torch.empty((len(rows), *self.row_shape), dtype=self.dtype)
+        """Entries of `rows` on this process's device. Host and disk rows are gathered on the
+        CPU (into pinned memory for a GPU), then copied over without blocking."""
+        out = torch.empty((len(rows), *self.row_shape), dtype=self.dtype, device=self.device)
         for p in self.level.parts:
-            sel = (rows >= p.start) & (rows < p.stop)
-            if sel.any():
-                out[sel] = p.data[(rows[sel] - p.start).to(p.data.device)].to("cpu")
+            pos = ((rows >= p.start) & (rows < p.stop)).nonzero().flatten()
+            if len(pos):
+                values = p.data[(rows[pos] - p.start).to(p.data.device, non_blocking=True)]
+                if values.device != self.device and self.device.type == "cuda":
+                    values = values.pin_memory()
+                out.index_copy_(0, pos.to(self.device, non_blocking=True),
+                                values.to(self.device, non_blocking=True))
         return out
 
     def _write(self, rows: torch.Tensor, values: torch.Tensor) -> None:
         values = values.detach().to(self.dtype)
         for p in self.level.parts:
-            sel = (rows >= p.start) & (rows < p.stop)
-            if sel.any():
-                p.data[(rows[sel] - p.start).to(p.data.device)] = values[sel.to(values.device)].to(p.data.device)
+            pos = ((rows >= p.start) & (rows < p.stop)).nonzero().flatten()
+            if len(pos):
+                chunk = values.index_select(0, pos.to(values.device, non_blocking=True))
+                p.data[(rows[pos] - p.start).to(p.data.device, non_blocking=True)] = chunk.to(p.data.device)
         self.level.valid[rows] = 1  # after the data: a reader never sees a half-written row
 
     def _lookup(self, rows: torch.Tensor):
@@ -179,16 +188,15 @@ class ActivationCache:
             hit, cached = self._lookup(rows)
         self._ahead = None
         out = torch.empty((len(rows), *self.row_shape), dtype=out_dtype, device=self.device)
-        if hit.any():
-            out[hit.to(self.device)] = cached.to(self.device, out_dtype, non_blocking=True)
-        miss = ~hit
-        if miss.any():
-            pos = miss.nonzero().flatten()
-            values = compute(pos)
-            out[miss.to(self.device)] = values.to(out_dtype)
-            self._write(rows[pos], values)
-        self.hits += int(hit.sum())
-        self.misses += int(miss.sum())
+        hit_pos, miss_pos = hit.nonzero().flatten(), (~hit).nonzero().flatten()
+        if len(hit_pos):
+            out.index_copy_(0, hit_pos.to(self.device, non_blocking=True), cached.to(out_dtype))
+        if len(miss_pos):
+            values = compute(miss_pos)
+            out.index_copy_(0, miss_pos.to(self.device, non_blocking=True), values.to(out_dtype))
+            self._write(rows[miss_pos], values)
+        self.hits += len(hit_pos)
+        self.misses += len(miss_pos)
         return out
 
     def advance(self, k: int, run_blocks: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -225,7 +233,7 @@ class ActivationCache:
         best = float("inf")
         for _ in range(repeat):
             start = time.perf_counter()
-            self._read(rows).to(self.device)
+            self._read(rows)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             best = min(best, time.perf_counter() - start)

@@ -86,6 +86,7 @@ class Trainer:
         self.rt = self._build(0, start, {})
         self.cache: ActivationCache | None = None
         self.cache_note = "off" if config.cache.cache == "off" else "waiting for frozen layers"
+        self.cache_seconds = 0.0
 
     # --- layout --------------------------------------------------------------------------
     def _replica_batch(self, layout: Layout) -> int:
@@ -120,10 +121,21 @@ class Trainer:
         old_frozen = self.rt.frozen
         opt_state, _ = migrate(self.model, self.rt, frozen, self.samples_seen > 0, self.comm_device)
         self.rt = self._build(frozen, layout, opt_state)
+        cache_start = time.perf_counter()
         if frozen > old_frozen and self.cfg.cache.cache != "off":
             self._update_cache(old_frozen, frozen)
         dist.barrier()
+        self.cache_seconds = time.perf_counter() - cache_start
         return time.perf_counter() - start
+
+    def freeze_to(self, frozen: int) -> float:
+        """Apply a freeze decision by hand (benchmarks, resuming): the same path AutoFreeze
+        takes, layout compression included. Returns the transition's seconds."""
+        if not self.rt.frozen <= frozen <= self.model.num_blocks:
+            raise ValueError(f"frozen={frozen}: must lie in [{self.rt.frozen}, {self.model.num_blocks}] "
+                             f"(frozen blocks never thaw)")
+        self.freeze.frozen = frozen
+        return self._transition(frozen, self._next_layout(frozen))
 
     # --- AutoCache -----------------------------------------------------------------------
     def _update_cache(self, old_frozen: int, frozen: int) -> None:
@@ -248,21 +260,24 @@ class Trainer:
                 group["lr"] = lr
             rt.optimizer.step()
             rt.optimizer.zero_grad(set_to_none=True)
-        return float(torch.stack(losses).detach().mean()) if losses else 0.0
+        # a tensor, not a float: reading it would wait for the device every step
+        return torch.stack(losses).detach().mean() if losses else torch.zeros(())
 
     def _clip(self, params) -> None:
-        """Clip by the global norm over every stage's active gradients (sync point)."""
+        """Clip by the global norm over every stage's active gradients. Computed on the
+        device, so no host sync: the pipeline group's all-reduce is the only sync point."""
         max_norm = self.cfg.train.grad_clip
         if max_norm <= 0:
             return
+        grads = [p.grad for p in params]
         sq = torch.zeros(1, dtype=torch.float64, device=self.comm_device)
-        for p in params:
-            sq += p.grad.double().pow(2).sum().to(self.comm_device)
+        if grads:
+            sq += torch.stack([g.double().pow(2).sum() for g in grads]).sum().to(self.comm_device)
         if self.rt.layout.stages > 1:
             dist.all_reduce(sq, group=self.rt.pipeline_group)
-        coef = max_norm / (math.sqrt(float(sq)) + 1e-6)
-        if coef < 1.0 and params:
-            torch._foreach_mul_([p.grad for p in params], coef)
+        if grads:
+            coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_(grads, coef.to(grads[0].device, grads[0].dtype).squeeze())
 
     def _block_params(self) -> dict[int, list]:
         out: dict[int, list] = {}
@@ -272,13 +287,14 @@ class Trainer:
         return out
 
     # --- epochs --------------------------------------------------------------------------
-    def _train_epoch(self, epoch: int) -> dict:
+    def train_epoch(self, epoch: int) -> dict:
+        """One pass over the training data in the current layout; its measurements."""
         rt = self.rt
         layout = rt.layout
         batch_size = self._replica_batch(layout) * layout.replicas
         steps = self.sampler.steps(batch_size)
         order = self.sampler.epoch_order(epoch)
-        local = torch.zeros(steps, dtype=torch.float64)
+        local = []
         bar = _bar(steps, f"epoch {epoch + 1}/{self.cfg.train.epochs}", self.progress)
         start = time.perf_counter()
         prefetch = rt.is_first and self._cache_active()
@@ -289,17 +305,18 @@ class Trainer:
             if prefetch and step + 1 < steps:  # read the next batch's entries during this step
                 self.cache.prefetch(self.sampler.replica_rows(order, step + 1, batch_size, rt.replica,
                                                               layout.replicas))
-            local[step] = self._train_step(self.train_data.batch(rows))
+            local.append(self._train_step(self.train_data.batch(rows)))
             self.samples_seen += batch_size
             if bar is not None:
                 bar.update(1)
-                if rt.is_last:
-                    bar.set_postfix(loss=f"{local[step]:.4f}", lr=f"{self._lr():.2e}")
+                if rt.is_last and (step % 10 == 0 or step + 1 == steps):  # reading the loss syncs
+                    bar.set_postfix(loss=f"{float(local[-1]):.4f}", lr=f"{self._lr():.2e}")
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         if bar is not None:
             bar.close()
+        local = torch.stack([x.double().cpu() for x in local])
         local = self._sum_over_world(local)  # only last stages hold losses: a sum over replicas
         local /= layout.replicas
         stats = self.cache.stats() if self.cache is not None else \
@@ -369,14 +386,15 @@ class Trainer:
             rec = {"epoch": epoch + 1, "frozen_layers": rt.frozen, "total_layers": self.model.num_blocks,
                    "stages": rt.layout.stages, "replicas": rt.layout.replicas,
                    "micro_batches": rt.micro_batches}
-            rec.update(self._train_epoch(epoch))
+            rec.update(self.train_epoch(epoch))
             rec.update(self.evaluate())
-            rec["transition_seconds"] = 0.0
+            rec["transition_seconds"] = rec["cache_seconds"] = 0.0
             if epoch + 1 < cfg.train.epochs:
                 frozen = self._decide()
                 layout = self._next_layout(frozen)
                 if (frozen, layout) != (rt.frozen, rt.layout):
                     rec["transition_seconds"] = self._transition(frozen, layout)
+                    rec["cache_seconds"] = self.cache_seconds
                     _log(rank, f"transition after epoch {epoch + 1}: frozen {rt.frozen} -> {frozen} "
                                f"of {self.model.num_blocks} blocks, layout {rt.layout} -> {layout} "
                                f"({rec['transition_seconds']:.2f} s)")

@@ -81,3 +81,12 @@ def test_two_processes_equal_one_for_any_bert_family_folder(tmp_path, tiny_csv, 
     two = _train(tmp_path / "two", model, tiny_csv, "--nproc", "2", *extra)
     assert two[0][0]["stages"] == 2 and two[0][-1]["replicas"] == 2
     _assert_same(one, two)
+
+
+def test_per_replica_policy_grows_the_global_batch_with_the_replicas(tmp_path, tiny_bert, tiny_csv):
+    records, _, _ = _train(tmp_path / "run", tiny_bert, tiny_csv, "--nproc", "2", "--batch-policy", "per-replica",
+                           "--batch-size", "16", "--epochs", "4", "--freeze", "schedule", "--alpha", "0.5")
+    first, last = records[0], records[-1]
+    assert (first["stages"], first["replicas"], last["stages"], last["replicas"]) == (2, 1, 1, 2)
+    # 86 training rows (96 less 5 per class held out): twice the rows per step with two replicas
+    assert first["steps"] == 86 // 16 and last["steps"] == 86 // 32

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# GPU check: AutoFreeze on vs off on one CUDA device, BERT-base-sized encoder (random init:
-# the timing does not depend on the weights), Rotten Tomatoes sentences, bf16 autocast.
-# Usage: bash benchmarks/gpu_freeze.sh TOKENIZER_DIR RT_CSV OUT_DIR
+# GPU check on one CUDA device, BERT-base-sized encoder (random init: the timing does not
+# depend on the weights), Rotten Tomatoes sentences, bf16 autocast:
+#   1. AutoFreeze on vs off, whole runs side by side;
+#   2. epoch time with and without AutoCache at several frozen counts (cache_epochs.py).
+# Usage: bash benchmarks/gpu_check.sh TOKENIZER_DIR RT_CSV OUT_DIR [freeze|cache|all]
 set -euo pipefail
-TOK=$1; CSV=$2; OUT=$3
+TOK=$1; CSV=$2; OUT=$3; PART=${4:-all}
 PY=${PY:-python3}
 $PY - "$TOK" "$OUT/bert-base" <<'PYEOF'
 import sys, torch, transformers
@@ -14,6 +16,7 @@ transformers.BertForSequenceClassification(cfg).save_pretrained(sys.argv[2])
 tok.save_pretrained(sys.argv[2])
 PYEOF
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+if [ "$PART" != cache ]; then
 for mode in off adaptive; do
   $PY -m pipetransformer train --model "$OUT/bert-base" --data "$CSV" --freeze $mode --alpha 0.333 \
       --epochs 5 --train-samples 0 --batch-size 64 --max-length 64 --lr 5e-5 \
@@ -29,3 +32,9 @@ t_off = sum(r["epoch_seconds"] for r in rows["off"]); t_on = sum(r["epoch_second
 print(f"training time: off {t_off:.1f} s, adaptive {t_on:.1f} s, speedup {t_off/t_on:.2f}x; "
       f"val acc off {rows['off'][-1]['val_accuracy']:.4f}, adaptive {rows['adaptive'][-1]['val_accuracy']:.4f}")
 PYEOF
+fi
+if [ "$PART" != freeze ]; then
+  PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" $PY benchmarks/cache_epochs.py --model "$OUT/bert-base" \
+      --data "$CSV" --train-samples 4096 --batch-size 128 --max-length 128 --frozen 0,3,6,9,12 \
+      --out "$OUT/cache_epochs.json"
+fi
