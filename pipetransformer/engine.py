@@ -72,8 +72,12 @@ class Trainer:
         self.meter = GradNormMeter(model.num_blocks)
         self.sampler = BatchSampler(len(self.train_data), config.train.seed)
         self.global_batch = config.train.batch_size
-        if self.global_batch % start.replicas:
-            raise ValueError(f"--batch-size={self.global_batch} must be divisible by the number of "
+        most = self.world if pc.elastic else start.replicas  # replicas the run may reach
+        if pc.batch_policy == "constant" and self.global_batch % most:
+            raise ValueError(f"--batch-size={self.global_batch} must be divisible by every replica "
+                             f"count the run may reach (up to {most}); use a multiple of {most}")
+        if pc.batch_policy == "per-replica" and self.global_batch % start.replicas:
+            raise ValueError(f"--batch-size={self.global_batch} must be divisible by the starting "
                              f"replicas ({start.replicas})")
         if self.sampler.steps(self.global_batch) < 1:
             raise ValueError(f"--batch-size={self.global_batch} is larger than the training set "
@@ -92,11 +96,7 @@ class Trainer:
     def _replica_batch(self, layout: Layout) -> int:
         if self.cfg.parallel.batch_policy == "per-replica":
             return self.global_batch // self.start_layout.replicas
-        if self.global_batch % layout.replicas:
-            raise ValueError(f"--batch-size={self.global_batch} must be divisible by every replica "
-                             f"count the run may reach ({layout.replicas}); use a multiple of "
-                             f"{self.world}")
-        return self.global_batch // layout.replicas
+        return self.global_batch // layout.replicas  # divisible: checked at start
 
     def _build(self, frozen: int, layout: Layout, opt_state: dict) -> Runtime:
         t = self.cfg.train

@@ -90,3 +90,10 @@ def test_per_replica_policy_grows_the_global_batch_with_the_replicas(tmp_path, t
     assert (first["stages"], first["replicas"], last["stages"], last["replicas"]) == (2, 1, 1, 2)
     # 86 training rows (96 less 5 per class held out): twice the rows per step with two replicas
     assert first["steps"] == 86 // 16 and last["steps"] == 86 // 32
+
+
+def test_fixed_layout_ablation_keeps_two_stages_and_the_same_math(tmp_path, tiny_bert, tiny_csv, reference):
+    got = _train(tmp_path / "run", tiny_bert, tiny_csv, "--nproc", "2", "--elastic", "off")
+    assert {(r["stages"], r["replicas"]) for r in got[0]} == {(2, 1)}
+    assert [r["frozen_layers"] for r in got[0]] == [0, 4, 6, 7, 8]
+    _assert_same(reference, got)
