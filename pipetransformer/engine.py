@@ -26,7 +26,7 @@ from .cache import ActivationCache, available_host_bytes, should_cache
 from .freeze import FreezeState, GradNormMeter, decide
 from .models import StagedModel, load_model
 from .partition import compress
-from .topology import Layout, Topology
+from .topology import Layout, Topology, divisors
 from .transition import FROZEN_FACTOR, Runtime, UnitSequence, build_runtime, migrate, plan_layout
 
 __all__ = ["Trainer", "fine_tune"]
@@ -107,9 +107,11 @@ class Trainer:
 
     def _next_layout(self, frozen: int) -> Layout:
         layout = self.rt.layout
-        if not self.cfg.parallel.elastic:
-            return layout
         frozen_units, active, _ = plan_layout(self.model, frozen, 1)
+        if not self.cfg.parallel.elastic:
+            # fixed layout, unless fewer units stay active than it has stages
+            fits = [d for d in divisors(self.world) if d <= min(layout.stages, len(active))]
+            return Layout(self.world, fits[0])
         frozen_cost = FROZEN_FACTOR * sum(u.cost() for u in frozen_units)
         k = compress([u.cost() for u in active], frozen_cost, layout.stages, self.world, self.budget)
         return Layout(self.world, k)
