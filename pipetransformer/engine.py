@@ -89,7 +89,6 @@ class Trainer:
         self.comm_device = self.device if self.device.type == "cuda" else torch.device("cpu")
         self.rt = self._build(0, start, {})
         self.cache: ActivationCache | None = None
-        self.cache_note = "off" if config.cache.cache == "off" else "waiting for frozen layers"
         self.cache_seconds = 0.0
 
     # --- layout --------------------------------------------------------------------------
@@ -121,7 +120,7 @@ class Trainer:
         cache to the new frozen count. Seconds taken."""
         start = time.perf_counter()
         old_frozen = self.rt.frozen
-        opt_state, _ = migrate(self.model, self.rt, frozen, self.samples_seen > 0, self.comm_device)
+        opt_state = migrate(self.model, self.rt, frozen, self.samples_seen > 0, self.comm_device)
         self.rt = self._build(frozen, layout, opt_state)
         cache_start = time.perf_counter()
         if frozen > old_frozen and self.cfg.cache.cache != "off":
@@ -189,17 +188,18 @@ class Trainer:
                 verdict = [(should_cache(prefix_seconds, read), read)]
             dist.broadcast_object_list(verdict, src=0)
             keep, read = verdict[0]
-            self.cache_note = (f"{'on' if keep else 'off'}: prefix {1e3 * prefix_seconds:.1f} ms vs "
-                               f"read {1e3 * read:.1f} ms per batch")
+            note = (f"{'on' if keep else 'off'}: prefix {1e3 * prefix_seconds:.1f} ms vs read "
+                    f"{1e3 * read:.1f} ms per batch")
             self.cache.reset_counters()
             if not keep:
+                _log(self.rank, f"cache {note}")
                 self.cache.close()
                 self.cache = None
                 return
         else:
-            self.cache_note = "on"
-        _log(self.rank, f"cache {self.cache_note}; tier {self.cache.stats()['cache_tier']}, "
-                        f"{self.cache.stats()['cache_bytes'] / 2**20:.0f} MiB")
+            note = "on"
+        stats = self.cache.stats()
+        _log(self.rank, f"cache {note}; tier {stats['cache_tier']}, {stats['cache_bytes'] / 2**20:.0f} MiB")
 
     def _cached_prefix(self, batch: dict) -> tuple:
         inputs = tuple(x.to(self.device) for x in self.model.inputs(batch))

@@ -10,7 +10,6 @@ froze them, and every process already holds them.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -137,10 +136,9 @@ def owners(model: StagedModel, frozen: int, layout: Layout) -> dict[str, int]:
 
 
 def migrate(model: StagedModel, runtime: Runtime, new_frozen: int, has_state: bool,
-            comm_device) -> tuple[dict[str, dict], float]:
-    """Broadcast every trained unit from its owner; return the optimizer state of units that
-    stay active (by parameter name) and the seconds it took."""
-    start = time.perf_counter()
+            comm_device) -> dict[str, dict]:
+    """Broadcast every trained unit from its owner; return the optimizer state (by parameter
+    name) of the units that stay active."""
     own = owners(model, runtime.frozen, runtime.layout)
     rank = dist.get_rank()
     local_state = {}
@@ -166,7 +164,7 @@ def migrate(model: StagedModel, runtime: Runtime, new_frozen: int, has_state: bo
             for i, (name, p) in enumerate(params):
                 keep_state[name] = {"step": tensors[n + 3 * i + 2].detach().cpu().view(()).clone(),
                                     "exp_avg": tensors[n + 3 * i], "exp_avg_sq": tensors[n + 3 * i + 1]}
-    return keep_state, time.perf_counter() - start
+    return keep_state
 
 
 def _state_tensors(params, local_state, is_owner):
