@@ -401,6 +401,7 @@ class Trainer:
                                f"of {self.model.num_blocks} blocks, layout {rt.layout} -> {layout} "
                                f"({rec['transition_seconds']:.2f} s)")
             rec["frozen_after"] = self.freeze.frozen
+            rec["open_fds"] = _open_fds()  # rank 0's; flat across transitions = no leaked groups
             records.append(rec)
             _log(rank, f"epoch {epoch + 1}: val_accuracy {rec['val_accuracy']:.4f} val_loss "
                        f"{rec['val_loss']:.4f} train_loss {rec['train_loss']:.4f} | frozen "
@@ -436,6 +437,13 @@ class Trainer:
             self.cache.close()
             self.cache = None
         self.topo.destroy()
+
+
+def _open_fds() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return -1
 
 
 def _local_rank_world() -> tuple[int, int]:

@@ -63,6 +63,8 @@ def test_four_processes_elastic_equals_one_process(tmp_path, tiny_bert, tiny_csv
     assert layouts[0] == (4, 1) and (2, 2) in layouts and layouts[-1] == (1, 4), layouts
     assert [r["frozen_layers"] for r in got[0]] == [0, 4, 6, 7, 8]
     assert any(r["transition_seconds"] > 0 for r in got[0])
+    fds = [r["open_fds"] for r in got[0]]
+    assert fds[-1] <= fds[0] + 2, f"open file descriptors grew over the transitions: {fds}"
     _assert_same(reference, got)
 
 
