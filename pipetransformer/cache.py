@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["ActivationCache", "available_host_bytes", "should_cache"]
+__all__ = ["ActivationCache", "available_host_bytes", "best_seconds", "should_cache"]
 
 SHM_DIR = Path("/dev/shm")
 
@@ -42,6 +42,19 @@ def available_host_bytes() -> int:
     except OSError:
         pass
     return 0
+
+
+def best_seconds(fn: Callable[[], object], device: torch.device, repeat: int = 3) -> float:
+    """Fastest of `repeat` timed calls of `fn` (no grad), waiting for the GPU each time."""
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        with torch.no_grad():
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def should_cache(prefix_seconds: float, read_seconds: float) -> bool:
@@ -228,16 +241,9 @@ class ActivationCache:
     def reset_counters(self) -> None:
         self.hits = self.misses = 0
 
-    def read_seconds(self, rows: torch.Tensor, repeat: int = 3) -> float:
+    def read_seconds(self, rows: torch.Tensor) -> float:
         """Measured time to read `rows`' entries (for the on/off policy)."""
-        best = float("inf")
-        for _ in range(repeat):
-            start = time.perf_counter()
-            self._read(rows)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - start)
-        return best
+        return best_seconds(lambda: self._read(rows), self.device)
 
     def close(self) -> None:
         """Remove every file this cache made (idempotent)."""

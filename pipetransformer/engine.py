@@ -22,7 +22,7 @@ from torch import nn
 from . import distributed
 from .config import Config
 from .data import BatchSampler, Dataset, count_labels, load_data
-from .cache import ActivationCache, available_host_bytes, should_cache
+from .cache import ActivationCache, available_host_bytes, best_seconds, should_cache
 from .freeze import FreezeState, GradNormMeter, decide
 from .models import StagedModel, load_model
 from .partition import compress
@@ -89,7 +89,6 @@ class Trainer:
         self.comm_device = self.device if self.device.type == "cuda" else torch.device("cpu")
         self.rt = self._build(0, start, {})
         self.cache: ActivationCache | None = None
-        self.cache_seconds = 0.0
 
     # --- layout --------------------------------------------------------------------------
     def _replica_batch(self, layout: Layout) -> int:
@@ -115,9 +114,9 @@ class Trainer:
         k = compress([u.cost() for u in active], frozen_cost, layout.stages, self.world, self.budget)
         return Layout(self.world, k)
 
-    def _transition(self, frozen: int, layout: Layout) -> float:
+    def _transition(self, frozen: int, layout: Layout) -> tuple[float, float]:
         """Apply (frozen, layout): migrate weights and optimizer state, rebuild, bring the
-        cache to the new frozen count. Seconds taken."""
+        cache to the new frozen count. (Seconds taken, of which advancing the cache.)"""
         start = time.perf_counter()
         old_frozen = self.rt.frozen
         opt_state = migrate(self.model, self.rt, frozen, self.samples_seen > 0, self.comm_device)
@@ -126,8 +125,8 @@ class Trainer:
         if frozen > old_frozen and self.cfg.cache.cache != "off":
             self._update_cache(old_frozen, frozen)
         dist.barrier()
-        self.cache_seconds = time.perf_counter() - cache_start
-        return time.perf_counter() - start
+        end = time.perf_counter()
+        return end - start, end - cache_start
 
     def freeze_to(self, frozen: int) -> float:
         """Apply a freeze decision by hand (benchmarks, resuming): the same path AutoFreeze
@@ -136,7 +135,7 @@ class Trainer:
             raise ValueError(f"frozen={frozen}: must lie in [{self.rt.frozen}, {self.model.num_blocks}] "
                              f"(frozen blocks never thaw)")
         self.freeze.frozen = frozen
-        return self._transition(frozen, self._next_layout(frozen))
+        return self._transition(frozen, self._next_layout(frozen))[0]
 
     # --- AutoCache -----------------------------------------------------------------------
     def _update_cache(self, old_frozen: int, frozen: int) -> None:
@@ -164,7 +163,7 @@ class Trainer:
             inputs = [x.to(self.device) for x in self.model.inputs(self.train_data.batch(rows))]
             with torch.no_grad():
                 out = self.rt.prefix(*inputs)[0]
-                seconds = _timed(lambda: self.rt.prefix(*inputs), self.device)
+                seconds = best_seconds(lambda: self.rt.prefix(*inputs), self.device)
             probe = [(tuple(out.shape[1:]), out.dtype, seconds)]
         dist.broadcast_object_list(probe, src=0)
         row_shape, self.cache_out_dtype, prefix_seconds = probe[0]
@@ -395,8 +394,7 @@ class Trainer:
                 frozen = self._decide()
                 layout = self._next_layout(frozen)
                 if (frozen, layout) != (rt.frozen, rt.layout):
-                    rec["transition_seconds"] = self._transition(frozen, layout)
-                    rec["cache_seconds"] = self.cache_seconds
+                    rec["transition_seconds"], rec["cache_seconds"] = self._transition(frozen, layout)
                     _log(rank, f"transition after epoch {epoch + 1}: frozen {rt.frozen} -> {frozen} "
                                f"of {self.model.num_blocks} blocks, layout {rt.layout} -> {layout} "
                                f"({rec['transition_seconds']:.2f} s)")
@@ -448,18 +446,6 @@ def _open_fds() -> int:
 
 def _local_rank_world() -> tuple[int, int]:
     return int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-
-
-def _timed(fn, device, repeat: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        with torch.no_grad():
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def _prepare_run_dir(run_dir: Path) -> None:
