@@ -133,21 +133,22 @@ class ActivationCache:
                 data = self._map(path, (stop - start, *self.row_shape), self.dtype)
             parts.append(_Part(tier, start, stop, data, path))
         valid_path = SHM_DIR / f"{self.prefix}-k{k}-valid.bin"
-        valid = self._map(valid_path, (self.num_rows,), torch.uint8, zero=True)
+        valid = self._map(valid_path, (self.num_rows,), torch.uint8)
         self.level = _Level(k, parts, valid, valid_path)
 
-    def _map(self, path: Path, shape, dtype, zero: bool = False) -> torch.Tensor:
+    def _map(self, path: Path, shape, dtype) -> torch.Tensor:
+        """A new zero-filled file mapped by every local process (collective). Other processes
+        may write to it as soon as they return, so nothing may inspect it after the barrier."""
         numel = int(torch.Size(shape).numel())
         self._paths.add(path)
         if self.local_rank == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "wb") as f:  # sized, sparse: pages appear as rows are written
+            # "wb" empties an existing file, then truncate() extends it with zeros: sparse,
+            # pages appear as rows are written, and every valid byte starts at 0.
+            with open(path, "wb") as f:
                 f.truncate(numel * torch.empty((), dtype=dtype).element_size())
         self._barrier()
-        t = torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape)
-        if zero:
-            assert not t.any()  # a new file reads as zeros: no row is valid yet
-        return t
+        return torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape)
 
     def _free(self, level: _Level) -> None:
         self._barrier()  # nobody reads the old level any more

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -82,6 +83,48 @@ def test_host_budget_counts_the_level_still_alive(tmp_path):
         assert {p.tier: p.stop - p.start for p in cache.level.parts} == {"host": 2, "disk": 8}
     finally:
         cache.close()
+
+
+def test_two_local_processes_share_a_level_while_one_lags(tmp_path):
+    """Local rank 1 writes as soon as the level is open while rank 0 is still returning from
+    the barrier (CI once caught rank 0 inspecting the new file then). Threads stand in for the
+    processes: each cache maps the files on its own, as a process would."""
+    run_id, sync = f"test-{os.getpid()}-{time.time_ns()}", threading.Barrier(2, timeout=30)
+
+    def barrier_for(rank):
+        def barrier():
+            sync.wait()
+            if rank == 0:
+                time.sleep(0.3)
+        return barrier
+    caches = [ActivationCache(10, (3, 4), torch.float32, run_id, tmp_path / "cache", 10**9,
+                              torch.device("cpu"), 0, rank, barrier_for(rank)) for rank in (0, 1)]
+    values, seen, errors = torch.randn(10, 3, 4), {}, []
+
+    def work(rank):
+        try:
+            cache = caches[rank]
+            cache.open_level(1)
+            if rank == 1:
+                cache.fetch(torch.tensor([3]), lambda pos: values[[3]], torch.float32)
+            cache._barrier()
+            seen[rank] = cache.fetch(torch.tensor([3]), lambda pos: pytest.fail("should hit"), torch.float32)
+            cache._barrier()
+        except BaseException as e:  # noqa: BLE001 - re-raised below in the test thread
+            errors.append(e)
+            sync.abort()
+    threads = [threading.Thread(target=work, args=(rank,)) for rank in (0, 1)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        assert torch.equal(seen[0], values[[3]]) and torch.equal(seen[1], values[[3]])
+    finally:
+        for cache in (caches[1], caches[0]):
+            cache.close()
+    assert not _shm_files(caches[0])
 
 
 def test_bfloat16_storage_and_policy():
