@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from pipetransformer.cache import SHM_DIR, ActivationCache, should_cache
 
-from conftest import run_cli
+from conftest import assert_same_training, run_cli
 
 
 def _cache(tmp_path, rows=10, host_budget=10**9, dtype=torch.float32):
@@ -159,14 +159,6 @@ def _run(run_dir, model, data, *extra):
     return records, load_file(run_dir / "final" / "model.safetensors")
 
 
-def _assert_equal(a, b, tol=1e-6):
-    la = torch.tensor([x for r in a[0] for x in r["step_losses"]], dtype=torch.float64)
-    lb = torch.tensor([x for r in b[0] for x in r["step_losses"]], dtype=torch.float64)
-    assert len(la) == len(lb) and torch.allclose(la, lb, rtol=tol, atol=0), (la - lb).abs().max()
-    for name in a[1]:
-        assert torch.allclose(a[1][name], b[1][name], rtol=0, atol=1e-6), name
-
-
 @pytest.mark.parametrize("nproc", ["1", "2"])
 def test_cache_on_equals_cache_off_across_transitions_and_reshards(tmp_path, tiny_bert, tiny_csv, nproc):
     off = _run(tmp_path / "off", tiny_bert, tiny_csv, "--nproc", nproc, "--cache", "off")
@@ -176,14 +168,14 @@ def test_cache_on_equals_cache_off_across_transitions_and_reshards(tmp_path, tin
     assert {r["cache_tier"] for r in on[0][1:]} == {"host"} and all(r["cache_bytes"] > 0 for r in on[0][1:])
     if nproc == "2":
         assert [r["replicas"] for r in on[0]][0] == 1 and on[0][-1]["replicas"] == 2
-    _assert_equal(off, on)
+    assert_same_training(off, on, tol=1e-6, key_biases=True)
 
 
 def test_tiny_host_budget_spills_to_disk_with_the_same_result(tmp_path, tiny_bert, tiny_csv):
     off = _run(tmp_path / "off", tiny_bert, tiny_csv, "--cache", "off")
     disk = _run(tmp_path / "disk", tiny_bert, tiny_csv, "--cache", "on", "--cache-host-bytes", "20000")
     assert "disk" in disk[0][-1]["cache_tier"] and sum(r["cache_hits"] for r in disk[0]) > 0
-    _assert_equal(off, disk)
+    assert_same_training(off, disk, tol=1e-6, key_biases=True)
 
 
 def test_a_stopped_run_leaves_no_shared_memory(tmp_path, tiny_bert, tiny_csv):
@@ -192,15 +184,19 @@ def test_a_stopped_run_leaves_no_shared_memory(tmp_path, tiny_bert, tiny_csv):
                              "--data", str(tiny_csv), "--run-dir", str(tmp_path / "run"), *ARGS,
                              "--epochs", "400", "--cache", "on", "--cache-host-bytes", "20000"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    mine = f"pipetransformer-{proc.pid}-*"  # a one-process run names its cache by its pid
+
+    def built():
+        return list(SHM_DIR.glob(mine)) and list((tmp_path / "run" / "cache").glob("*"))
     try:
         deadline = time.time() + 120
-        while not list(SHM_DIR.glob("pipetransformer-*")) and time.time() < deadline:
+        while not built() and time.time() < deadline:
             assert proc.poll() is None, "the run ended before it built its cache"
             time.sleep(0.2)
-        assert list(SHM_DIR.glob("pipetransformer-*")) and (tmp_path / "run" / "cache").exists()
+        assert built(), "no cache in /dev/shm and on disk after 120 s"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) != 0
     finally:
         proc.kill()
-    assert not list(SHM_DIR.glob("pipetransformer-*"))
+    assert not list(SHM_DIR.glob(mine))
     assert not list((tmp_path / "run" / "cache").glob("*"))

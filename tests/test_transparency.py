@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_model_folder, run_cli
+from conftest import assert_same_training, make_model_folder, run_cli
 
 COMMON = ["--freeze", "schedule", "--alpha", "0.5", "--epochs", "5", "--batch-size", "32",
           "--train-samples", "0", "--max-length", "16", "--dropout", "off", "--seed", "3",
@@ -26,29 +26,6 @@ def _train(run_dir, model, data, *extra):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     weights = load_file(run_dir / "final" / "model.safetensors")
     return records, weights, out.stdout
-
-
-def _assert_same(ref, got, tol=1e-5):
-    ref_records, ref_w, _ = ref
-    records, w, _ = got
-    ref_losses = torch.tensor([x for r in ref_records for x in r["step_losses"]], dtype=torch.float64)
-    losses = torch.tensor([x for r in records for x in r["step_losses"]], dtype=torch.float64)
-    assert len(losses) == len(ref_losses) > 0
-    assert torch.allclose(losses, ref_losses, rtol=tol, atol=0), (losses - ref_losses).abs().max()
-    assert ref_w.keys() == w.keys()
-    # Attention key biases are left out: softmax ignores a shift shared by all keys, so
-    # their true gradient is exactly zero and they hold only rounding noise that Adam
-    # normalises to full-size steps. Everything else must agree, as a whole (relative)
-    # and tensor by tensor (absolute: the weights are O(0.01..1)).
-    names = [n for n in ref_w if not n.endswith(("key.bias", "k_lin.bias", "k_proj.bias"))]
-    num = sum(float((w[n] - ref_w[n]).double().pow(2).sum()) for n in names) ** 0.5
-    den = sum(float(ref_w[n].double().pow(2).sum()) for n in names) ** 0.5
-    assert num / den < tol, f"relative difference of the weights {num / den:.2e}"
-    for name in names:
-        diff = float((w[name] - ref_w[name]).abs().max())
-        assert diff < tol, f"{name}: max abs difference {diff:.2e}"
-    # the weights really trained: the reference moved away from the initial model
-    assert [r["frozen_layers"] for r in records] == [r["frozen_layers"] for r in ref_records]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +42,7 @@ def test_four_processes_elastic_equals_one_process(tmp_path, tiny_bert, tiny_csv
     assert any(r["transition_seconds"] > 0 for r in got[0])
     fds = [r["open_fds"] for r in got[0]]
     assert fds[-1] <= fds[0] + 2, f"open file descriptors grew over the transitions: {fds}"
-    _assert_same(reference, got)
+    assert_same_training(reference, got)
 
 
 def test_training_moves_the_weights(tiny_bert, reference):
@@ -82,7 +59,7 @@ def test_two_processes_equal_one_for_any_bert_family_folder(tmp_path, tiny_csv, 
     one = _train(tmp_path / "one", model, tiny_csv, "--nproc", "1", *extra)
     two = _train(tmp_path / "two", model, tiny_csv, "--nproc", "2", *extra)
     assert two[0][0]["stages"] == 2 and two[0][-1]["replicas"] == 2
-    _assert_same(one, two)
+    assert_same_training(one, two)
 
 
 def test_per_replica_policy_grows_the_global_batch_with_the_replicas(tmp_path, tiny_bert, tiny_csv):
@@ -99,4 +76,4 @@ def test_fixed_layout_ablation_keeps_two_stages_and_the_same_math(tmp_path, tiny
     # two stages while they can be filled; with every block frozen only the head is left
     assert [(r["stages"], r["replicas"]) for r in got[0]] == [(2, 1)] * 4 + [(1, 2)]
     assert [r["frozen_layers"] for r in got[0]] == [0, 4, 6, 7, 8]
-    _assert_same(reference, got)
+    assert_same_training(reference, got)
