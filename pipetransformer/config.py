@@ -44,13 +44,18 @@ class DataConfig:
     train_samples: int = _f(1536, "use the first N of the shuffled training split (0: all of it)")
     eval_samples: int = _f(0, "use the first N of the validation split (0: all of it)")
     val_fraction: float = _f(0.1, "fraction of each class held out for validation (stratified, seeded)")
-    image_size: int = _f(224, "image side in pixels for image data (resized, no augmentation)")
+    image_size: int = _f(224, "image side in pixels for image data (resized to a square)")
+    augment: str = _f("off", "random augmentation of training images, drawn anew each epoch: "
+                      "crop-flip takes a random square crop covering 64 to 100 percent of the image and flips "
+                      "half the images; it keeps the cache off in auto mode", choices=("off", "crop-flip"))
 
     def __post_init__(self):
         if self.train_samples < 0:
             raise _bad("train_samples", self.train_samples, "use 0 (all) or a positive count")
         if self.eval_samples < 0:
             raise _bad("eval_samples", self.eval_samples, "use 0 (all) or a positive count")
+        if self.augment not in ("off", "crop-flip"):
+            raise _bad("augment", self.augment, "choose off or crop-flip")
         if not 0.0 < self.val_fraction < 0.5:
             raise _bad("val_fraction", self.val_fraction, "use a fraction between 0 and 0.5, e.g. 0.1")
 

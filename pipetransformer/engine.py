@@ -21,7 +21,8 @@ from torch import nn
 
 from . import distributed
 from .config import Config
-from .data import BatchSampler, Dataset, count_labels, load_data
+from .config import ConfigError
+from .data import BatchSampler, Dataset, count_labels, crop_flip, load_data
 from .cache import ActivationCache, available_host_bytes, best_seconds, should_cache
 from .freeze import FreezeState, GradNormMeter, decide
 from .models import StagedModel, load_model
@@ -63,6 +64,9 @@ class Trainer:
             _disable_dropout(model.hf_model)
         self.train_data, self.val_data = data or load_data(
             config.data, model, config.model.max_length, config.train.seed)
+        if config.data.augment != "off" and model.modality != "image":
+            raise ConfigError(f"--augment={config.data.augment!r}: augmentation is for image models "
+                              f"and {config.model.model!r} is a {model.modality} model; use --augment off")
         self.progress = progress and self.rank == 0
         self.topo = Topology(self.world, self.rank)
         pc = config.parallel
@@ -122,7 +126,7 @@ class Trainer:
         opt_state = migrate(self.model, self.rt, frozen, self.samples_seen > 0, self.comm_device)
         self.rt = self._build(frozen, layout, opt_state)
         cache_start = time.perf_counter()
-        if frozen > old_frozen and self.cfg.cache.cache != "off":
+        if frozen > old_frozen and self._cache_wanted():
             self._update_cache(old_frozen, frozen)
         dist.barrier()
         end = time.perf_counter()
@@ -138,6 +142,22 @@ class Trainer:
         return self._transition(frozen, self._next_layout(frozen))[0]
 
     # --- AutoCache -----------------------------------------------------------------------
+    def _cache_wanted(self) -> bool:
+        """Random augmentation gives the frozen blocks a new input each epoch, so a cached
+        output would replay the epoch that filled it: auto leaves the cache off then."""
+        cc, augment = self.cfg.cache.cache, self.cfg.data.augment
+        return cc == "on" or (cc == "auto" and augment == "off")
+
+    def _cache_warning(self) -> str | None:
+        augment = self.cfg.data.augment
+        if augment == "off" or self.cfg.cache.cache == "off":
+            return None
+        if self.cfg.cache.cache == "auto":
+            return (f"warning: cache off because --augment={augment} draws new inputs each epoch; "
+                    f"--cache on would reuse each image's first augmentation instead")
+        return (f"warning: --cache on with --augment={augment}: once its entry is cached, an image "
+                f"keeps the augmentation of the epoch that filled it")
+
     def _update_cache(self, old_frozen: int, frozen: int) -> None:
         if self.cache is not None:  # incremental: entries at old_frozen go through the new blocks
             newly = UnitSequence([u for u in self.model.units if old_frozen <= u.freeze_index < frozen],
@@ -306,7 +326,7 @@ class Trainer:
             if prefetch and step + 1 < steps:  # read the next batch's entries during this step
                 self.cache.prefetch(self.sampler.replica_rows(order, step + 1, batch_size, rt.replica,
                                                               layout.replicas))
-            local.append(self._train_step(self.train_data.batch(rows)))
+            local.append(self._train_step(self._train_batch(rows, epoch)))
             self.samples_seen += batch_size
             if bar is not None:
                 bar.update(1)
@@ -325,6 +345,13 @@ class Trainer:
         stats["cache_hits"] = int(self._sum_over_world(torch.tensor([float(stats["cache_hits"])]))[0])
         return {**stats, "train_loss": float(local.mean()), "step_losses": local.tolist(), "epoch_seconds": seconds,
                 "samples_per_second": steps * batch_size / seconds, "steps": steps}
+
+    def _train_batch(self, rows: torch.Tensor, epoch: int) -> dict:
+        batch = self.train_data.batch(rows)
+        if self.cfg.data.augment == "crop-flip":
+            batch["pixel_values"] = crop_flip(batch["pixel_values"], rows, len(self.train_data),
+                                              epoch, self.cfg.train.seed)
+        return batch
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -381,6 +408,8 @@ class Trainer:
         _log(rank, f"pipetransformer: {len(self.train_data)} train / {len(self.val_data)} val samples, "
                    f"{self.model.num_blocks} blocks, {self.world} process(es), device {self.device.type}, "
                    f"layout {self.rt.layout}, freeze={cfg.freeze.freeze} alpha={cfg.freeze.alpha:.3g}")
+        if self._cache_warning():
+            _log(rank, self._cache_warning())
         fit_start = time.perf_counter()
         for epoch in range(cfg.train.epochs):
             rt = self.rt

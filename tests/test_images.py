@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import assert_same_training, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +66,63 @@ def test_npz_without_labels_is_named(tmp_path, tiny_vit):
     out = run_cli("train", "--model", str(tiny_vit), "--data", str(tmp_path / "bad.npz"),
                   "--run-dir", str(tmp_path / "run"))
     assert out.returncode == 2 and "arrays named x" in out.stderr
+
+
+# --- augmentation ---------------------------------------------------------------------------
+
+def test_crop_flip_depends_only_on_seed_epoch_and_row():
+    import torch
+    from pipetransformer.data import crop_flip
+    x = torch.randn(4, 3, 12, 12)
+    rows = torch.tensor([7, 2, 9, 4])
+    a = crop_flip(x, rows, 10, epoch=1, seed=3)
+    assert a.shape == x.shape and not torch.allclose(a, x)
+    assert torch.equal(a, crop_flip(x, rows, 10, epoch=1, seed=3))
+    # the same row in another batch, at another position, gets the same augmentation
+    assert torch.equal(a[2:3], crop_flip(x[2:3], rows[2:3], 10, epoch=1, seed=3))
+    assert not torch.allclose(a, crop_flip(x, rows, 10, epoch=2, seed=3))
+    # with the whole image kept, each image is either itself or its mirror, about half each
+    whole = crop_flip(x.repeat(25, 1, 1, 1), torch.arange(100), 100, epoch=0, seed=0, min_side=1.0)
+    same = torch.isclose(whole, x.repeat(25, 1, 1, 1), atol=1e-5).flatten(1).all(1)
+    mirrored = torch.isclose(whole, x.repeat(25, 1, 1, 1).flip(-1), atol=1e-5).flatten(1).all(1)
+    assert bool((same ^ mirrored).all()) and 30 < int(mirrored.sum()) < 70
+
+
+def _augmented(run_dir, model, data, *extra):
+    out = run_cli("train", "--model", str(model), "--data", str(data), "--run-dir", str(run_dir),
+                  "--image-size", "16", "--epochs", "3", "--batch-size", "16", "--lr", "2e-3",
+                  "--freeze", "schedule", "--alpha", "0.5", "--dropout", "off", "--augment", "crop-flip",
+                  *extra)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return out.stdout, [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_augmentation_keeps_the_auto_cache_off_and_opt_in_warns(tmp_path, tiny_vit):
+    x, y = _images()
+    np.savez(tmp_path / "digits.npz", x=x, y=y)
+    stdout, records = _augmented(tmp_path / "auto", tiny_vit, tmp_path / "digits.npz")
+    assert "cache off because --augment=crop-flip" in stdout
+    assert {r["cache_tier"] for r in records} == {"off"} and records[-1]["frozen_layers"] == 3
+    _, plain = _augmented(tmp_path / "plain", tiny_vit, tmp_path / "digits.npz", "--augment", "off", "--cache", "off")
+    assert plain[0]["step_losses"][0] != records[0]["step_losses"][0]  # the pixels did change
+    stdout, records = _augmented(tmp_path / "on", tiny_vit, tmp_path / "digits.npz", "--cache", "on")
+    assert "--cache on with --augment=crop-flip" in stdout and records[-1]["cache_hits"] > 0
+
+
+def test_augmented_training_is_the_same_on_two_processes(tmp_path, tiny_vit):
+    """The draw follows the row, not the replica: 2 processes (2x1 -> 1x2) equal 1."""
+    from safetensors.torch import load_file
+    x, y = _images(n=96)
+    np.savez(tmp_path / "digits.npz", x=x, y=y)
+    _, one = _augmented(tmp_path / "one", tiny_vit, tmp_path / "digits.npz")
+    _, two = _augmented(tmp_path / "two", tiny_vit, tmp_path / "digits.npz", "--nproc", "2")
+    assert [r["replicas"] for r in two] == [1, 1, 2]
+    weights = [load_file(tmp_path / d / "final" / "model.safetensors") for d in ("one", "two")]
+    assert_same_training((one, weights[0]), (two, weights[1]))
+
+
+def test_augmentation_of_a_text_model_is_refused(tmp_path, tiny_bert, tiny_csv):
+    out = run_cli("train", "--model", str(tiny_bert), "--data", str(tiny_csv), "--run-dir",
+                  str(tmp_path / "run"), "--augment", "crop-flip")
+    assert out.returncode == 2 and "augmentation is for image models" in out.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
