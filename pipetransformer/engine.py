@@ -274,7 +274,7 @@ class Trainer:
                 p.grad = g.view_as(p)
         self._clip([p for _, p in rt.params])
         if rt.replica == 0:
-            self.meter.accumulate(self._block_params())
+            self.meter.accumulate(self._block_params(rt))
         lr = self._lr()
         if rt.optimizer is not None:
             for group in rt.optimizer.param_groups:
@@ -292,20 +292,23 @@ class Trainer:
             return
         grads = [p.grad for p in params]
         sq = torch.zeros(1, dtype=torch.float64, device=self.comm_device)
-        if grads:
-            sq += torch.stack([g.double().pow(2).sum() for g in grads]).sum().to(self.comm_device)
+        if grads:  # per-tensor norms in one multi-tensor kernel, summed in float64
+            sq += torch.stack(torch._foreach_norm(grads)).double().pow(2).sum().to(self.comm_device)
         if self.rt.layout.stages > 1:
             dist.all_reduce(sq, group=self.rt.pipeline_group)
         if grads:
             coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
             torch._foreach_mul_(grads, coef.to(grads[0].device, grads[0].dtype).squeeze())
 
-    def _block_params(self) -> dict[int, list]:
-        out: dict[int, list] = {}
-        for u in self.rt.units:
-            if u.name.startswith("block."):
-                out.setdefault(u.freeze_index, []).extend(self.model.named_parameters(u))
-        return out
+    def _block_params(self, rt: Runtime) -> dict[int, list]:
+        """This stage's active block parameters by block (fixed until the next transition)."""
+        if getattr(self, "_tracked", (None,))[0] is not rt:
+            out: dict[int, list] = {}
+            for u in rt.units:
+                if u.name.startswith("block."):
+                    out.setdefault(u.freeze_index, []).extend(self.model.named_parameters(u))
+            self._tracked = (rt, out)
+        return self._tracked[1]
 
     # --- epochs --------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict:

@@ -95,6 +95,7 @@ class GradNormMeter:
         self._sums: dict[tuple[int, str], torch.Tensor] = {}
 
     def accumulate(self, block_params: dict[int, list[tuple[str, torch.Tensor]]]) -> None:
+        sums, grads = [], []
         with torch.no_grad():
             for block, params in block_params.items():
                 for name, p in params:
@@ -102,9 +103,12 @@ class GradNormMeter:
                         continue
                     key = (block, name)
                     if key in self._sums:
-                        self._sums[key].add_(p.grad)
+                        sums.append(self._sums[key])
+                        grads.append(p.grad)
                     else:
                         self._sums[key] = p.grad.detach().float().clone()
+            if sums:  # one multi-tensor kernel, not one per parameter: this runs every step
+                torch._foreach_add_(sums, grads)
 
     def squared_norms(self) -> torch.Tensor:
         """Per block, the sum over owned parameters of ||accumulated grad||^2 (float64)."""
