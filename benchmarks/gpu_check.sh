@@ -4,6 +4,9 @@
 #   1. AutoFreeze on vs off, whole runs side by side;
 #   2. epoch time with and without AutoCache at several frozen counts (cache_epochs.py).
 # Usage: bash benchmarks/gpu_check.sh TOKENIZER_DIR RT_CSV OUT_DIR [freeze|cache|all]
+# Env: FROZEN (frozen counts for the cache part, default 0,3,6,9,12); BASELINE (a folder that
+# holds an older `pipetransformer` package, e.g. from `git archive REV pipetransformer`: its
+# cache part runs right after this tree's, on the same warm card).
 set -euo pipefail
 TOK=$1; CSV=$2; OUT=$3; PART=${4:-all}
 PY=${PY:-python3}
@@ -34,7 +37,11 @@ print(f"training time: off {t_off:.1f} s, adaptive {t_on:.1f} s, speedup {t_off/
 PYEOF
 fi
 if [ "$PART" != freeze ]; then
-  PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" $PY benchmarks/cache_epochs.py --model "$OUT/bert-base" \
-      --data "$CSV" --train-samples 4096 --batch-size 128 --max-length 128 --frozen 0,3,6,9,12 \
-      --out "$OUT/cache_epochs.json"
+  for root in "$PWD" ${BASELINE:+"$BASELINE"}; do
+    tag=$([ "$root" = "$PWD" ] && echo this || echo baseline)
+    echo "== cache part, $tag engine ($root)"
+    PYTHONPATH="$root:$PWD${PYTHONPATH:+:$PYTHONPATH}" $PY benchmarks/cache_epochs.py --model "$OUT/bert-base" \
+        --data "$CSV" --train-samples 4096 --batch-size 128 --max-length 128 --frozen "${FROZEN:-0,3,6,9,12}" \
+        --out "$OUT/cache_epochs_$tag.json"
+  done
 fi
