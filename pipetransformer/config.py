@@ -46,8 +46,9 @@ class DataConfig:
     val_fraction: float = _f(0.1, "fraction of each class held out for validation (stratified, seeded)")
     image_size: int = _f(224, "image side in pixels for image data (resized to a square)")
     augment: str = _f("off", "random augmentation of training images, drawn anew each epoch: "
-                      "crop-flip takes a random square crop covering 64 to 100 percent of the image and flips "
-                      "half the images; it keeps the cache off in auto mode", choices=("off", "crop-flip"))
+                      "crop-flip takes a random square crop covering 64 to 100 percent of the "
+                      "image and flips half the images; it keeps the cache off in auto mode",
+                      choices=("off", "crop-flip"))
 
     def __post_init__(self):
         if self.train_samples < 0:

@@ -20,8 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import distributed
-from .config import Config
-from .config import ConfigError
+from .config import Config, ConfigError
 from .data import BatchSampler, Dataset, count_labels, crop_flip, load_data
 from .cache import ActivationCache, available_host_bytes, best_seconds, should_cache
 from .freeze import FreezeState, GradNormMeter, decide
@@ -274,7 +273,7 @@ class Trainer:
                 p.grad = g.view_as(p)
         self._clip([p for _, p in rt.params])
         if rt.replica == 0:
-            self.meter.accumulate(self._block_params(rt))
+            self.meter.accumulate(rt.block_params)
         lr = self._lr()
         if rt.optimizer is not None:
             for group in rt.optimizer.param_groups:
@@ -299,16 +298,6 @@ class Trainer:
         if grads:
             coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
             torch._foreach_mul_(grads, coef.to(grads[0].device, grads[0].dtype).squeeze())
-
-    def _block_params(self, rt: Runtime) -> dict[int, list]:
-        """This stage's active block parameters by block (fixed until the next transition)."""
-        if getattr(self, "_tracked", (None,))[0] is not rt:
-            out: dict[int, list] = {}
-            for u in rt.units:
-                if u.name.startswith("block."):
-                    out.setdefault(u.freeze_index, []).extend(self.model.named_parameters(u))
-            self._tracked = (rt, out)
-        return self._tracked[1]
 
     # --- epochs --------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict:
@@ -411,8 +400,9 @@ class Trainer:
         _log(rank, f"pipetransformer: {len(self.train_data)} train / {len(self.val_data)} val samples, "
                    f"{self.model.num_blocks} blocks, {self.world} process(es), device {self.device.type}, "
                    f"layout {self.rt.layout}, freeze={cfg.freeze.freeze} alpha={cfg.freeze.alpha:.3g}")
-        if self._cache_warning():
-            _log(rank, self._cache_warning())
+        warning = self._cache_warning()
+        if warning:
+            _log(rank, warning)
         fit_start = time.perf_counter()
         for epoch in range(cfg.train.epochs):
             rt = self.rt

@@ -68,6 +68,7 @@ class Runtime:
     replica_group: object
     pipeline_group: object
     params: list[tuple[str, nn.Parameter]] = field(default_factory=list)  # active, this stage
+    block_params: dict[int, list] = field(default_factory=dict)  # the same, by block (AutoFreeze)
 
     @property
     def is_first(self) -> bool:
@@ -98,6 +99,10 @@ def build_runtime(model: StagedModel, frozen: int, layout: Layout, topo: Topolog
     prefix = UnitSequence(frozen_units, device).eval() if stage == 0 and frozen_units else None
     module = UnitSequence(mine, device).train(dropout)
     params = [np for u in mine for np in model.named_parameters(u)]
+    block_params: dict[int, list] = {}
+    for u in mine:
+        if u.name.startswith("block."):
+            block_params.setdefault(u.freeze_index, []).extend(model.named_parameters(u))
     optimizer = _optimizer(params, optim, opt_state) if params else None
     m = micro_batches or choose_microbatches(layout.stages, replica_batch)
     if replica_batch % m:
@@ -108,7 +113,7 @@ def build_runtime(model: StagedModel, frozen: int, layout: Layout, topo: Topolog
     kind = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
     sched = kind(pipe_stage, n_microbatches=m, loss_fn=_loss)
     return Runtime(frozen, layout, stage, replica, m, mine, prefix, module, optimizer, sched,
-                   topo.replica_group(layout), group, params)
+                   topo.replica_group(layout), group, params, block_params)
 
 
 def _optimizer(params, optim: dict, opt_state: dict[str, dict]) -> torch.optim.Optimizer:
