@@ -10,9 +10,10 @@ of shape (rows, *row_shape) split by row range over tiers, each within a byte bu
 
 A byte per row says whether the entry is filled. Entries are filled while training runs
 (the first epoch at a level computes the prefix and stores it); a later read of a missing
-row computes it then. When more blocks freeze (k -> k'), the filled entries go once through
-blocks k..k'-1 into a new level and the old level is freed (`advance`). The next batch's
-entries are read ahead on a background thread while the current step computes.
+row computes it then. When more blocks freeze (k -> k'), each filled entry goes once through
+blocks k..k'-1 and is written back over itself (`advance`): the blocks keep the shape, so
+the level moves to k' in place, with no second copy alive and the same budgets. The next
+batch's entries are read ahead on a background thread while the current step computes.
 
 Files are removed by `close()`, at exit, and on SIGTERM (see distributed.raise_on_sigterm).
 """
@@ -73,8 +74,8 @@ class _Part:
 
 
 class _Level:
-    def __init__(self, k: int, parts: list[_Part], valid: torch.Tensor, valid_path: Path):
-        self.k, self.parts, self.valid, self.valid_path = k, parts, valid, valid_path
+    def __init__(self, k: int, parts: list[_Part], valid: torch.Tensor):
+        self.k, self.parts, self.valid = k, parts, valid
 
     @property
     def nbytes(self) -> int:
@@ -107,17 +108,12 @@ class ActivationCache:
 
     # --- levels ------------------------------------------------------------------------
     def open_level(self, k: int) -> None:
-        """Allocate level k (collective over the run's processes). Budgets hold the old level
-        too, which lives until `advance` frees it."""
-        in_use = {"host": 0, "device": 0}
-        if self.level is not None:
-            for p in self.level.parts:
-                if p.tier in in_use:
-                    in_use[p.tier] += p.data.numel() * p.data.element_size()
+        """Allocate the level for k frozen blocks (collective over the run's processes)."""
+        assert self.level is None, "one level at a time: advance() moves it to a new k"
         rows_dev = 0
         if self.device.type == "cuda":
-            rows_dev = min(self.num_rows, max(0, self.device_budget - in_use["device"]) // self.row_bytes)
-        rows_host = min(self.num_rows - rows_dev, max(0, self.host_budget - in_use["host"]) // self.row_bytes)
+            rows_dev = min(self.num_rows, self.device_budget // self.row_bytes)
+        rows_host = min(self.num_rows - rows_dev, self.host_budget // self.row_bytes)
         bounds = [("device", 0, rows_dev), ("host", rows_dev, rows_dev + rows_host),
                   ("disk", rows_dev + rows_host, self.num_rows)]
         parts = []
@@ -129,12 +125,11 @@ class ActivationCache:
                                          device=self.device), None
             else:
                 folder = SHM_DIR if tier == "host" else self.disk_dir
-                path = folder / f"{self.prefix}-k{k}-{tier}.bin"
+                path = folder / f"{self.prefix}-{tier}.bin"
                 data = self._map(path, (stop - start, *self.row_shape), self.dtype)
             parts.append(_Part(tier, start, stop, data, path))
-        valid_path = SHM_DIR / f"{self.prefix}-k{k}-valid.bin"
-        valid = self._map(valid_path, (self.num_rows,), torch.uint8)
-        self.level = _Level(k, parts, valid, valid_path)
+        valid = self._map(SHM_DIR / f"{self.prefix}-valid.bin", (self.num_rows,), torch.uint8)
+        self.level = _Level(k, parts, valid)
 
     def _map(self, path: Path, shape, dtype) -> torch.Tensor:
         """A new zero-filled file mapped by every local process (collective). Other processes
@@ -149,13 +144,6 @@ class ActivationCache:
                 f.truncate(numel * torch.empty((), dtype=dtype).element_size())
         self._barrier()
         return torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape)
-
-    def _free(self, level: _Level) -> None:
-        self._barrier()  # nobody reads the old level any more
-        for path in [p.path for p in level.parts if p.path is not None] + [level.valid_path]:
-            self._paths.discard(path)
-            if self.local_rank == 0:
-                path.unlink(missing_ok=True)
 
     # --- rows ----------------------------------------------------------------------------
     # Positions are computed on the CPU and moved as index tensors: a boolean mask on the
@@ -215,23 +203,17 @@ class ActivationCache:
 
     def advance(self, k: int, run_blocks: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                 my_rows: torch.Tensor, chunk: int) -> int:
-        """Move filled entries from the current level to level k through `run_blocks(hidden,
-        rows)`. Each process converts `my_rows`; collective. Returns rows converted here."""
-        old = self.level
-        self.open_level(k)
-        new, self.level = self.level, old
+        """Move the level to k: each filled row of `my_rows` goes through `run_blocks(hidden,
+        rows)` and is written back in place. Collective. Returns rows converted here."""
         done = 0
         for start in range(0, len(my_rows), chunk):
             rows = my_rows[start:start + chunk]
-            rows = rows[old.valid[rows].bool()]
+            rows = rows[self.level.valid[rows].bool()]
             if len(rows):
-                hidden = self._read(rows)
-                self.level = new
-                self._write(rows, run_blocks(hidden, rows))
-                self.level = old
+                self._write(rows, run_blocks(self._read(rows), rows))
                 done += len(rows)
-        self.level = new
-        self._free(old)
+        self._barrier()  # every process's rows are at k before anyone reads them
+        self.level.k = k
         return done
 
     def stats(self) -> dict:
