@@ -45,12 +45,13 @@ def available_host_bytes() -> int:
     return 0
 
 
-def best_seconds(fn: Callable[[], object], device: torch.device, repeat: int = 3) -> float:
-    """Fastest of `repeat` timed calls of `fn` (no grad), waiting for the GPU each time."""
+def best_seconds(fn: Callable[[], object], device: torch.device, repeat: int = 3,
+                 grad: bool = False) -> float:
+    """Fastest of `repeat` timed calls of `fn` (no grad unless asked), waiting for the GPU."""
     best = float("inf")
     for _ in range(repeat):
         start = time.perf_counter()
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             fn()
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -111,6 +111,9 @@ class ParallelConfig:
                        "(off: keep the starting layout, the 'freeze only' ablation)")
     schedule: str = _f("gpipe", "pipeline schedule", ("gpipe", "1f1b"))
     micro_batches: int = _f(0, "micro-batches per pipeline step; 0: 2 x stages (1 for a single stage)")
+    balance: str = _f("params", "what the stages balance: params (each unit's matrix parameters, "
+                      "the paper's rule) or time (each unit's forward+backward time, profiled on "
+                      "one batch at the start by rank 0 and shared)", ("params", "time"))
     batch_policy: str = _f("constant", "constant: global batch fixed, split over replicas (same "
                            "math as one process); per-replica: each replica keeps the starting "
                            "batch, so the global batch and the LR (linearly) grow with replicas",
@@ -125,6 +128,8 @@ class ParallelConfig:
             raise _bad("schedule", self.schedule, "choose gpipe or 1f1b")
         if self.micro_batches < 0:
             raise _bad("micro_batches", self.micro_batches, "use 0 (automatic) or a positive count")
+        if self.balance not in ("params", "time"):
+            raise _bad("balance", self.balance, "choose params or time")
         if self.batch_policy not in ("constant", "per-replica"):
             raise _bad("batch_policy", self.batch_policy, "choose constant or per-replica")
 

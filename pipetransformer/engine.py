@@ -27,7 +27,8 @@ from .freeze import FreezeState, GradNormMeter, decide
 from .models import StagedModel, load_model
 from .partition import compress
 from .topology import Layout, Topology, divisors
-from .transition import FROZEN_FACTOR, Runtime, UnitSequence, build_runtime, migrate, plan_layout
+from .transition import (FROZEN_FACTOR, Runtime, UnitSequence, build_runtime, migrate, plan_layout,
+                         profile_units)
 
 __all__ = ["Trainer", "fine_tune"]
 
@@ -85,8 +86,10 @@ class Trainer:
         if self.sampler.steps(self.global_batch) < 1:
             raise ValueError(f"--batch-size={self.global_batch} is larger than the training set "
                              f"({len(self.train_data)} samples); lower it or use more --train-samples")
+        if pc.balance == "time":
+            self._profile(start)
         # the compression budget: the largest stage's memory in the starting layout
-        self.budget = plan_layout(model, 0, start.stages)[2].max_cost
+        self.budget = plan_layout(model, 0, start.stages, by_memory=True)[2].max_cost
         self.samples_seen = 0
         self.total_samples = config.train.epochs * self.sampler.steps(self.global_batch) * self.global_batch
         self.comm_device = self.device if self.device.type == "cuda" else torch.device("cpu")
@@ -105,6 +108,22 @@ class Trainer:
                              self.cfg.parallel.micro_batches, self._replica_batch(layout),
                              self.cfg.parallel.schedule,
                              {"lr": t.lr, "weight_decay": t.weight_decay}, opt_state, t.dropout)
+
+    def _profile(self, start: Layout) -> None:
+        """Time every unit on one replica batch (rank 0); every rank balances by the result."""
+        seconds = [None]
+        if self.rank == 0:
+            rows = torch.arange(min(len(self.train_data), self._replica_batch(start)))
+            began = time.perf_counter()
+            seconds = [profile_units(self.model, self.model.inputs(self.train_data.batch(rows)), self.device)]
+            _log(0, f"balance by time: {len(seconds[0])} units profiled in "
+                    f"{time.perf_counter() - began:.2f} s on {self.device.type}")
+        dist.broadcast_object_list(seconds, src=0)
+        self.model.unit_seconds = seconds[0]
+
+    def _units_per_stage(self) -> str:
+        bounds = plan_layout(self.model, self.rt.frozen, self.rt.layout.stages)[2].bounds
+        return "+".join(str(b - a) for a, b in zip(bounds, bounds[1:]))
 
     def _next_layout(self, frozen: int) -> Layout:
         layout = self.rt.layout
@@ -399,7 +418,8 @@ class Trainer:
             (run_dir / "config.yaml").write_text(_yaml(cfg.to_dict()))
         _log(rank, f"pipetransformer: {len(self.train_data)} train / {len(self.val_data)} val samples, "
                    f"{self.model.num_blocks} blocks, {self.world} process(es), device {self.device.type}, "
-                   f"layout {self.rt.layout}, freeze={cfg.freeze.freeze} alpha={cfg.freeze.alpha:.3g}")
+                   f"layout {self.rt.layout} ({self._units_per_stage()} units per stage), "
+                   f"freeze={cfg.freeze.freeze} alpha={cfg.freeze.alpha:.3g}")
         warning = self._cache_warning()
         if warning:
             _log(rank, warning)
@@ -418,7 +438,8 @@ class Trainer:
                 if (frozen, layout) != (rt.frozen, rt.layout):
                     rec["transition_seconds"], rec["cache_seconds"] = self._transition(frozen, layout)
                     _log(rank, f"transition after epoch {epoch + 1}: frozen {rt.frozen} -> {frozen} "
-                               f"of {self.model.num_blocks} blocks, layout {rt.layout} -> {layout} "
+                               f"of {self.model.num_blocks} blocks, layout {rt.layout} -> {layout}, "
+                               f"{self._units_per_stage()} active units per stage "
                                f"({rec['transition_seconds']:.2f} s)")
             rec["frozen_after"] = self.freeze.frozen
             rec["open_fds"] = _open_fds()  # rank 0's; flat across transitions = no leaked groups

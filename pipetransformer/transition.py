@@ -18,11 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
+from .cache import best_seconds
 from .models import StagedModel, Unit
 from .partition import Plan, balance, choose_microbatches
 from .topology import Layout, Topology
 
-__all__ = ["Runtime", "UnitSequence", "build_runtime", "migrate", "plan_layout", "FROZEN_FACTOR"]
+__all__ = ["Runtime", "UnitSequence", "build_runtime", "migrate", "plan_layout", "profile_units",
+           "FROZEN_FACTOR"]
 
 FROZEN_FACTOR = 1 / 6  # a frozen unit's memory relative to an active one (no grads, no Adam state)
 
@@ -43,13 +45,51 @@ class UnitSequence(nn.Module):
         return x if self.ends_with_head else (x, *extras)
 
 
-def plan_layout(model: StagedModel, frozen: int, stages: int) -> tuple[list[Unit], list[Unit], Plan]:
-    """(frozen units, active units, partition of the active units over `stages`)."""
+def plan_layout(model: StagedModel, frozen: int, stages: int,
+                by_memory: bool = False) -> tuple[list[Unit], list[Unit], Plan]:
+    """(frozen units, active units, partition of the active units over `stages`).
+
+    Balanced by measured time when the model carries a profile (frozen units then cost their
+    forward pass on stage 0), else, or with `by_memory`, by parameter size (frozen units
+    weigh FROZEN_FACTOR of an active one)."""
     frozen_units = [u for u in model.units if u.freeze_index < frozen]
     active = [u for u in model.units if u.freeze_index >= frozen]
-    frozen_cost = FROZEN_FACTOR * sum(u.cost() for u in frozen_units)
-    plan = balance([u.cost() for u in active], stages, frozen_cost=frozen_cost)
-    return frozen_units, active, plan
+    seconds = None if by_memory else model.unit_seconds
+    if seconds:
+        costs = [seconds[u.name][0] for u in active]
+        frozen_cost = sum(seconds[u.name][1] for u in frozen_units)
+    else:
+        costs = [u.cost() for u in active]
+        frozen_cost = FROZEN_FACTOR * sum(u.cost() for u in frozen_units)
+    return frozen_units, active, balance(costs, stages, frozen_cost=frozen_cost)
+
+
+def profile_units(model: StagedModel, inputs: tuple, device) -> dict[str, tuple[float, float]]:
+    """Per unit, the best-of-3 seconds of (forward + backward, forward alone) on `inputs`,
+    unit after unit on `device`, as training runs them (bf16 autocast on CUDA). The RNG
+    state is restored and gradients cleared, so profiling changes no result."""
+    device = torch.device(device)
+    out = {}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        x, *extras = [t.to(device) for t in inputs]
+        for unit in model.units:
+            unit.module.to(device)
+            seq = UnitSequence([unit], device)
+            inp = x.detach().requires_grad_(x.is_floating_point())
+
+            def run(backward: bool):
+                y = seq(inp, *extras)
+                y = y if torch.is_tensor(y) else y[0]
+                if backward:
+                    y.float().sum().backward()
+                return y
+            out[unit.name] = (best_seconds(lambda: run(True), device, grad=True),
+                              best_seconds(lambda: run(False), device))
+            for p in unit.module.parameters():
+                p.grad = None
+            with torch.no_grad():
+                x = run(False)
+    return out
 
 
 @dataclass

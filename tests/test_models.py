@@ -353,3 +353,38 @@ def test_load_model_from_local_folder(tmp_path):
     # label names end up in the config
     named = load_model(str(folder), num_labels=2, seed=0, label_names=["neg", "pos"])
     assert named.hf_model.config.id2label == {0: "neg", 1: "pos"}
+
+
+# --- balancing by measured time ------------------------------------------------------------
+
+def test_profile_times_every_unit_and_changes_no_state():
+    from pipetransformer.transition import profile_units
+    staged = wrap_model(_bert())
+    ids = torch.randint(0, VOCAB, (4, SEQ))
+    inputs = staged.inputs({"input_ids": ids, "attention_mask": torch.ones(4, SEQ)})
+    rng = torch.get_rng_state()
+    seconds = profile_units(staged, inputs, "cpu")
+    assert list(seconds) == [u.name for u in staged.units]
+    assert all(both > 0 and fwd > 0 for both, fwd in seconds.values())
+    assert torch.equal(torch.get_rng_state(), rng)  # dropout draws were undone
+    assert all(p.grad is None for p in staged.hf_model.parameters())
+
+
+def test_plan_follows_the_profile_when_there_is_one():
+    from pipetransformer.transition import plan_layout
+    staged = wrap_model(_bert())  # units: embed, 3 x (attn, mlp), head
+    by_params = [len(s) for s in _stages(plan_layout(staged, 0, 2))]
+    # make the first attention unit as slow as everything else together: it gets a stage alone
+    staged.unit_seconds = {u.name: (1.0, 0.3) for u in staged.units}
+    staged.unit_seconds["block.0.attn"] = (7.0, 2.0)
+    assert [len(s) for s in _stages(plan_layout(staged, 0, 2))] == [2, 6]
+    assert [len(s) for s in _stages(plan_layout(staged, 0, 2, by_memory=True))] == by_params != [2, 6]
+    # frozen units weigh their forward time on stage 0: block 0 frozen (2.0 + 0.3 + 0.3) there
+    frozen, active, plan = plan_layout(staged, 1, 2)
+    assert [u.name for u in frozen] == ["embed", "block.0.attn", "block.0.mlp"]
+    assert plan.max_cost == pytest.approx(max(2.6 + plan.bounds[1] * 1.0, (5 - plan.bounds[1]) * 1.0))
+
+
+def _stages(planned):
+    _, active, plan = planned
+    return [active[a:b] for a, b in zip(plan.bounds, plan.bounds[1:])]

@@ -77,3 +77,11 @@ def test_fixed_layout_ablation_keeps_two_stages_and_the_same_math(tmp_path, tiny
     assert [(r["stages"], r["replicas"]) for r in got[0]] == [(2, 1)] * 4 + [(1, 2)]
     assert [r["frozen_layers"] for r in got[0]] == [0, 4, 6, 7, 8]
     assert_same_training(reference, got)
+
+
+def test_stages_balanced_by_profiled_time_keep_the_same_math(tmp_path, tiny_bert, tiny_csv, reference):
+    """Rank 0 profiles and every rank must place the units alike, or the run would hang."""
+    got = _train(tmp_path / "run", tiny_bert, tiny_csv, "--nproc", "2", "--balance", "time")
+    assert "balance by time: 18 units profiled" in got[2]
+    assert got[0][0]["stages"] == 2
+    assert_same_training(reference, got)

@@ -61,6 +61,8 @@ class StagedModel:
         self.units = units
         self.modality = modality          # "text" or "image"
         self.processor = processor        # tokenizer or image processor, saved with the model
+        # unit name -> (forward+backward, forward) seconds, once profiled (transition.profile_units)
+        self.unit_seconds: dict[str, tuple[float, float]] | None = None
         self.num_blocks = max(u.freeze_index for u in units if u.name != "head") + 1
         self._names = {id(p): n for n, p in hf_model.named_parameters()}
         assert units[0].name == "embed" and units[-1].name == "head"
