@@ -210,6 +210,8 @@ def _coerce(section_cls, name: str, value):
                     return False
                 raise ValueError
             return bool(value)
+        if typ == "str" and isinstance(value, bool):  # YAML 1.1 reads a bare off / on as a bool
+            return "on" if value else "off"
         return {"int": int, "float": float, "str": str}[typ](value)
     except (ValueError, TypeError):
         raise _bad(name, value, f"expected a value of type {typ}") from None

@@ -54,6 +54,13 @@ def test_yaml_config_and_flag_override(tmp_path):
     assert Config.from_dict(Config().to_dict()) == Config()
 
 
+def test_bare_off_and_on_in_yaml_are_the_choices_not_booleans(tmp_path):
+    path = tmp_path / "c.yaml"  # YAML 1.1 reads these as false / true
+    path.write_text("freeze: {freeze: off}\ncache: {cache: on}\ndata: {augment: off}\ntrain: {dropout: off}\n")
+    cfg = load_config(path)
+    assert (cfg.freeze.freeze, cfg.cache.cache, cfg.data.augment, cfg.train.dropout) == ("off", "on", "off", False)
+
+
 def test_csv_without_label_column_is_named(tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text("text,sentiment\ngood,1\n")
