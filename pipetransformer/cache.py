@@ -103,7 +103,9 @@ class ActivationCache:
         self.level: _Level | None = None
         self.hits = self.misses = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-prefetch")
-        self._ahead: tuple[torch.Tensor, object] | None = None
+        # reads started ahead, oldest first: the engine asks for step s+1 before it fetches s
+        self._ahead: list[tuple[torch.Tensor, object]] = []
+        self.ahead_hits = 0  # fetches served by a read started ahead
         self._paths: set[Path] = set()
         atexit.register(self.close)
 
@@ -179,17 +181,25 @@ class ActivationCache:
     def prefetch(self, rows: torch.Tensor) -> None:
         """Start reading `rows`' entries in the background; `fetch(rows)` picks them up."""
         if self.level is not None:
-            self._ahead = (rows, self._pool.submit(self._lookup, rows))
+            self._ahead = self._ahead[-1:] + [(rows, self._pool.submit(self._lookup, rows))]
+
+    def _drain(self) -> None:
+        """Wait for reads started ahead and drop them (before entries change under them)."""
+        for _, future in self._ahead:
+            future.result()
+        self._ahead = []
 
     def fetch(self, rows: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor],
               out_dtype: torch.dtype) -> torch.Tensor:
         """Entries for `rows` on this process's device; missing ones are computed by
         `compute(positions in rows)` and stored."""
-        if self._ahead is not None and torch.equal(self._ahead[0], rows):
-            hit, cached = self._ahead[1].result()
-        else:
+        match = next((i for i, (ahead, _) in enumerate(self._ahead) if torch.equal(ahead, rows)), None)
+        if match is None:
             hit, cached = self._lookup(rows)
-        self._ahead = None
+        else:
+            hit, cached = self._ahead[match][1].result()
+            self._ahead = self._ahead[match + 1:]
+            self.ahead_hits += 1
         out = torch.empty((len(rows), *self.row_shape), dtype=out_dtype, device=self.device)
         hit_pos, miss_pos = hit.nonzero().flatten(), (~hit).nonzero().flatten()
         if len(hit_pos):
@@ -206,6 +216,7 @@ class ActivationCache:
                 my_rows: torch.Tensor, chunk: int) -> int:
         """Move the level to k: each filled row of `my_rows` goes through `run_blocks(hidden,
         rows)` and is written back in place. Collective. Returns rows converted here."""
+        self._drain()
         done = 0
         for start in range(0, len(my_rows), chunk):
             rows = my_rows[start:start + chunk]
@@ -223,7 +234,7 @@ class ActivationCache:
                 "cache_tier": lvl.tier if lvl else "off"}
 
     def reset_counters(self) -> None:
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.ahead_hits = 0
 
     def read_seconds(self, rows: torch.Tensor) -> float:
         """Measured time to read `rows`' entries (for the on/off policy)."""
@@ -232,6 +243,7 @@ class ActivationCache:
     def close(self) -> None:
         """Remove every file this cache made (idempotent)."""
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._ahead = []
         if self.local_rank == 0:
             for path in list(self._paths):
                 path.unlink(missing_ok=True)

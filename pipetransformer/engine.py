@@ -86,6 +86,7 @@ class Trainer:
         if self.sampler.steps(self.global_batch) < 1:
             raise ValueError(f"--batch-size={self.global_batch} is larger than the training set "
                              f"({len(self.train_data)} samples); lower it or use more --train-samples")
+        self.model.unit_seconds = None  # a model reused by another Trainer keeps no old profile
         if pc.balance == "time":
             self._profile(start)
         # the compression budget: the largest stage's memory in the starting layout
@@ -178,8 +179,10 @@ class Trainer:
 
     def _update_cache(self, old_frozen: int, frozen: int) -> None:
         if self.cache is not None:  # incremental: entries at old_frozen go through the new blocks
-            newly = UnitSequence([u for u in self.model.units if old_frozen <= u.freeze_index < frozen],
-                                 self.device).eval()
+            units = [u for u in self.model.units if old_frozen <= u.freeze_index < frozen]
+            for u in units:  # every local rank converts rows; only first stages hold frozen units
+                u.module.to(self.device)
+            newly = UnitSequence(units, self.device).eval()
 
             @torch.no_grad()
             def run_blocks(hidden, rows):
@@ -188,6 +191,9 @@ class Trainer:
             local_rank, local_world = _local_rank_world()
             mine = torch.arange(len(self.train_data))[local_rank::local_world]
             self.cache.advance(frozen, run_blocks, mine, self.global_batch)
+            if not self.rt.is_first:
+                for u in units:
+                    u.module.to("cpu")
             return
         self._start_cache(frozen)
 

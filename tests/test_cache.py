@@ -53,6 +53,25 @@ def test_rows_round_trip_through_every_tier(tmp_path, host_rows):
     assert not _shm_files(cache) and not (tmp_path / "cache").exists()
 
 
+def test_reads_started_a_step_ahead_serve_the_fetches(tmp_path):
+    """The engine's order: at step s it starts reading step s+1, then fetches step s."""
+    cache = _cache(tmp_path, rows=12)
+    try:
+        cache.open_level(1)
+        values = torch.randn(12, 3, 4)
+        steps = torch.randperm(12).view(4, 3)
+        for epoch in range(2):  # the first fills, the second reads
+            cache.reset_counters()
+            for s, rows in enumerate(steps):
+                if s + 1 < len(steps):
+                    cache.prefetch(steps[s + 1])
+                got = cache.fetch(rows, lambda pos, rows=rows: values[rows[pos]], torch.float32)
+                assert torch.equal(got, values[rows])
+        assert cache.ahead_hits == 3 and cache.hits == 12 and not cache._ahead
+    finally:
+        cache.close()
+
+
 def test_advance_moves_filled_rows_through_new_blocks_in_place_within_the_budget(tmp_path):
     cache = _cache(tmp_path, host_budget=6 * 48)  # 6 of 10 rows on the host, 4 on disk
     try:
