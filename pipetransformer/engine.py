@@ -27,8 +27,8 @@ from .freeze import FreezeState, GradNormMeter, decide
 from .models import StagedModel, load_model
 from .partition import compress
 from .topology import Layout, Topology, divisors
-from .transition import (FROZEN_FACTOR, Runtime, UnitSequence, build_runtime, migrate, plan_layout,
-                         profile_units)
+from .transition import (Runtime, UnitSequence, build_runtime, memory_costs, migrate, plan_layout,
+                         profile_units, split_units)
 
 __all__ = ["Trainer", "fine_tune"]
 
@@ -123,18 +123,17 @@ class Trainer:
         self.model.unit_seconds = seconds[0]
 
     def _units_per_stage(self) -> str:
-        bounds = plan_layout(self.model, self.rt.frozen, self.rt.layout.stages)[2].bounds
+        bounds = self.rt.plan.bounds
         return "+".join(str(b - a) for a, b in zip(bounds, bounds[1:]))
 
     def _next_layout(self, frozen: int) -> Layout:
         layout = self.rt.layout
-        frozen_units, active, _ = plan_layout(self.model, frozen, 1)
+        frozen_units, active = split_units(self.model, frozen)
         if not self.cfg.parallel.elastic:
             # fixed layout, unless fewer units stay active than it has stages
             fits = [d for d in divisors(self.world) if d <= min(layout.stages, len(active))]
             return Layout(self.world, fits[0])
-        frozen_cost = FROZEN_FACTOR * sum(u.cost() for u in frozen_units)
-        k = compress([u.cost() for u in active], frozen_cost, layout.stages, self.world, self.budget)
+        k = compress(*memory_costs(frozen_units, active), layout.stages, self.world, self.budget)
         return Layout(self.world, k)
 
     def _transition(self, frozen: int, layout: Layout) -> tuple[float, float]:

@@ -20,13 +20,11 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 from .cache import best_seconds
 from .models import StagedModel, Unit
-from .partition import Plan, balance, choose_microbatches
+from .partition import DEFAULT_FROZEN_FACTOR, Plan, balance, choose_microbatches
 from .topology import Layout, Topology
 
 __all__ = ["Runtime", "UnitSequence", "build_runtime", "migrate", "plan_layout", "profile_units",
-           "FROZEN_FACTOR"]
-
-FROZEN_FACTOR = 1 / 6  # a frozen unit's memory relative to an active one (no grads, no Adam state)
+           "split_units", "memory_costs"]
 
 
 class UnitSequence(nn.Module):
@@ -45,22 +43,31 @@ class UnitSequence(nn.Module):
         return x if self.ends_with_head else (x, *extras)
 
 
+def split_units(model: StagedModel, frozen: int) -> tuple[list[Unit], list[Unit]]:
+    """(frozen units, active units) with k = `frozen` blocks frozen."""
+    return ([u for u in model.units if u.freeze_index < frozen],
+            [u for u in model.units if u.freeze_index >= frozen])
+
+
+def memory_costs(frozen_units: list[Unit], active: list[Unit]) -> tuple[list[float], float]:
+    """(active units' costs, the frozen prefix's cost) by parameter size; a frozen unit holds
+    no gradients and no Adam state, so it weighs the partitioner's frozen factor (1/6)."""
+    return [u.cost() for u in active], DEFAULT_FROZEN_FACTOR * sum(u.cost() for u in frozen_units)
+
+
 def plan_layout(model: StagedModel, frozen: int, stages: int,
                 by_memory: bool = False) -> tuple[list[Unit], list[Unit], Plan]:
     """(frozen units, active units, partition of the active units over `stages`).
 
     Balanced by measured time when the model carries a profile (frozen units then cost their
-    forward pass on stage 0), else, or with `by_memory`, by parameter size (frozen units
-    weigh FROZEN_FACTOR of an active one)."""
-    frozen_units = [u for u in model.units if u.freeze_index < frozen]
-    active = [u for u in model.units if u.freeze_index >= frozen]
+    forward pass on stage 0), else, or with `by_memory`, by parameter size (`memory_costs`)."""
+    frozen_units, active = split_units(model, frozen)
     seconds = None if by_memory else model.unit_seconds
     if seconds:
         costs = [seconds[u.name][0] for u in active]
         frozen_cost = sum(seconds[u.name][1] for u in frozen_units)
     else:
-        costs = [u.cost() for u in active]
-        frozen_cost = FROZEN_FACTOR * sum(u.cost() for u in frozen_units)
+        costs, frozen_cost = memory_costs(frozen_units, active)
     return frozen_units, active, balance(costs, stages, frozen_cost=frozen_cost)
 
 
@@ -109,6 +116,7 @@ class Runtime:
     pipeline_group: object
     params: list[tuple[str, nn.Parameter]] = field(default_factory=list)  # active, this stage
     block_params: dict[int, list] = field(default_factory=dict)  # the same, by block (AutoFreeze)
+    plan: Plan | None = None              # the split of the active units over the stages
 
     @property
     def is_first(self) -> bool:
@@ -153,7 +161,7 @@ def build_runtime(model: StagedModel, frozen: int, layout: Layout, topo: Topolog
     kind = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
     sched = kind(pipe_stage, n_microbatches=m, loss_fn=_loss)
     return Runtime(frozen, layout, stage, replica, m, mine, prefix, module, optimizer, sched,
-                   topo.replica_group(layout), group, params, block_params)
+                   topo.replica_group(layout), group, params, block_params, plan)
 
 
 def _optimizer(params, optim: dict, opt_state: dict[str, dict]) -> torch.optim.Optimizer:
@@ -173,12 +181,13 @@ def _optimizer(params, optim: dict, opt_state: dict[str, dict]) -> torch.optim.O
     return opt
 
 
-def owners(model: StagedModel, frozen: int, layout: Layout) -> dict[str, int]:
-    """Unit name -> the rank holding its authoritative copy (replica 0)."""
-    frozen_units, active, plan = plan_layout(model, frozen, layout.stages)
+def owners(model: StagedModel, runtime: Runtime) -> dict[str, int]:
+    """Unit name -> the rank holding its authoritative copy (replica 0) under `runtime`."""
+    frozen_units, active = split_units(model, runtime.frozen)
+    layout, bounds = runtime.layout, runtime.plan.bounds
     out = {u.name: layout.rank(0, 0) for u in frozen_units}
     for s in range(layout.stages):
-        for u in active[plan.bounds[s]:plan.bounds[s + 1]]:
+        for u in active[bounds[s]:bounds[s + 1]]:
             out[u.name] = layout.rank(0, s)
     return out
 
@@ -187,7 +196,7 @@ def migrate(model: StagedModel, runtime: Runtime, new_frozen: int, has_state: bo
             comm_device) -> dict[str, dict]:
     """Broadcast every trained unit from its owner; return the optimizer state (by parameter
     name) of the units that stay active."""
-    own = owners(model, runtime.frozen, runtime.layout)
+    own = owners(model, runtime)
     rank = dist.get_rank()
     local_state = {}
     if runtime.optimizer is not None:
