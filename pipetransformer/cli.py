@@ -1,76 +1,56 @@
-"""`pipetransformer train | plan`: every config field is a flag; --config reads YAML first."""
+"""`pipetransformer train`: every config field is a flag; --config reads YAML first.
+
+The launcher checks everything it can before any worker starts (config.validate), then runs
+one process itself or re-runs under torchrun with --nproc local processes. Nothing imports
+this module.
+"""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import subprocess
 import sys
 import time
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, apply_overrides, config_fields, parse_on_off, read_yaml
 
-__all__ = ["main", "apply_overrides", "build_parser"]
-
-
-def _fields():
-    """(section or None, field) for every configurable field, in help order."""
-    for section in Config.SECTIONS:
-        for f in dataclasses.fields(type(getattr(Config(), section))):
-            yield section, f
+__all__ = ["main", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pipetransformer",
+    parser = argparse.ArgumentParser(prog="pipetransformer", allow_abbrev=False,
                                      description="Fine-tune Transformers faster: AutoFreeze + elastic pipelines.")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="fine-tune a model",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train = sub.add_parser("train", help="fine-tune a model", allow_abbrev=False)
     train.add_argument("--config", help="YAML file with sections model, data, train, freeze, "
                        "parallel, cache; flags given here override it")
     train.add_argument("--run-dir", help="output folder: metrics.jsonl, metrics.png, final/ "
                        "(default: runs/run-<date>-<time>); an existing run is never overwritten")
-    for section, f in _fields():
+    for section, f in config_fields():
         flag = "--" + f.name.replace("_", "-")
         help_text = f"[{section}] {f.metadata['help']} (default: {f.default})"
         if f.type == "bool":
             train.add_argument(flag, type=_on_off, metavar="{on,off}", help=help_text)
         else:
-            train.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type],
+            train.add_argument(flag, type={"int": int, "float": float, "str": str}[str(f.type)],
                                choices=f.metadata.get("choices"), help=help_text)
     return parser
 
 
 def _on_off(value: str) -> bool:
-    if value.lower() in ("on", "true", "yes", "1"):
-        return True
-    if value.lower() in ("off", "false", "no", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected on or off, got {value!r}")
-
-
-def apply_overrides(cfg: Config, overrides: dict) -> Config:
-    """A new Config with field=value overrides (flat field names), validated again."""
-    raw = cfg.to_dict()
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        if key == "run_dir":
-            raw["run_dir"] = value
-            continue
-        section = next((s for s, f in _fields() if f.name == key), None)
-        if section is None:
-            raise ConfigError(f"unknown setting {key!r}; see `pipetransformer train --help`")
-        raw[section][key] = value
-    return Config.from_dict(raw)
+    try:
+        return parse_on_off(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _config_from_args(args) -> Config:
-    cfg = load_config(args.config) if args.config else Config()
-    values = {f.name: getattr(args, f.name) for _, f in _fields()}
+    raw = read_yaml(args.config) if args.config else {}
+    cfg = Config.from_dict(raw, source=args.config or "config")
+    values = {f.name: getattr(args, f.name) for _, f in config_fields()}
     values["run_dir"] = args.run_dir
     cfg = apply_overrides(cfg, values)
-    if not args.run_dir and not (args.config and "run_dir" in (open(args.config).read())):
+    if not args.run_dir and "run_dir" not in raw:
         cfg.run_dir = time.strftime("runs/run-%Y%m%d-%H%M%S")
     return cfg
 
@@ -101,18 +81,19 @@ def _launch(cfg: Config) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    under_torchrun = "LOCAL_WORLD_SIZE" in os.environ
     try:
         cfg = _config_from_args(args)
+        if under_torchrun and int(os.environ["LOCAL_WORLD_SIZE"]) != cfg.parallel.nproc:
+            raise ConfigError(f"--nproc={cfg.parallel.nproc} but torchrun started "
+                              f"{os.environ['LOCAL_WORLD_SIZE']} local processes; make them agree")
+        if not under_torchrun:  # the launcher checks; workers check again on what they load
+            cfg.validate(cfg.parallel.nproc)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    under_torchrun = "LOCAL_WORLD_SIZE" in os.environ
     if cfg.parallel.nproc > 1 and not under_torchrun:
         return _launch(cfg)
-    if cfg.parallel.nproc > 1 and int(os.environ["LOCAL_WORLD_SIZE"]) != cfg.parallel.nproc:
-        print(f"error: --nproc={cfg.parallel.nproc} but torchrun started "
-              f"{os.environ['LOCAL_WORLD_SIZE']} local processes; make them agree", file=sys.stderr)
-        return 2
     from . import distributed
     from .engine import Trainer
     distributed.raise_on_sigterm()  # torchrun stops peers with SIGTERM: clean up on the way out
@@ -122,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             trainer.fit()
         finally:
             trainer.close()
-    except (ConfigError, ValueError, FileExistsError) as e:
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

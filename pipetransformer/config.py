@@ -6,17 +6,21 @@ Every field is also a command-line flag (``--field-name``) and a YAML key under 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
+from .autopipe import choose_microbatches, divisors
+from .data.sources import describe_data, split_sizes
+from .errors import ConfigError
+from .models.catalog import describe_model
+
 __all__ = ["Config", "ModelConfig", "DataConfig", "TrainConfig", "FreezeConfig",
-           "ParallelConfig", "CacheConfig", "ConfigError", "load_config"]
-
-
-class ConfigError(ValueError):
-    """Bad user input: the message names the field, the value and the fix."""
+           "ParallelConfig", "CacheConfig", "ConfigError", "RunFacts", "load_config", "config_fields",
+           "apply_overrides", "parse_on_off", "read_yaml"]
 
 
 def _f(default, help: str, choices=None):
@@ -175,8 +179,56 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def validate(self, world: int, facts: RunFacts | None = None) -> None:
+        """Every check that needs more than one field: raises ConfigError naming the field,
+        the value and the fix. `facts` default to what the model folder and data file say
+        (read without torch, in well under a second), so the launcher runs this before any
+        worker starts; the Trainer runs it again on what it loaded."""
+        facts = facts or describe_run(self)
+        m, d, t, p = self.model, self.data, self.train, self.parallel
+        if facts.data_modality != facts.model_modality:
+            raise _bad("data", d.data, f"this is {facts.data_modality} data but --model={m.model!r} "
+                       f"is a {facts.model_modality} model; pass data of its kind")
+        if d.augment != "off" and facts.model_modality != "image":
+            raise _bad("augment", d.augment, f"augmentation is for image models and {m.model!r} is a "
+                       f"{facts.model_modality} model; use --augment off")
+        if facts.max_positions is not None and m.max_length > facts.max_positions:
+            raise _bad("max_length", m.max_length, f"{m.model!r} has {facts.max_positions} positions; "
+                       f"use at most {facts.max_positions}")
+        stages = p.stages or world
+        if world % stages:
+            raise _bad("stages", p.stages, f"it must divide the number of processes ({world}); "
+                       f"valid: {divisors(world)}")
+        if stages > facts.num_units:
+            raise _bad("stages" if p.stages else "nproc", p.stages or p.nproc,
+                       f"{m.model!r} has {facts.num_units} units to place on {stages} stages; "
+                       f"use at most {facts.num_units} stages")
+        layouts = [k for k in divisors(world) if k <= stages]  # every layout the run may reach
+        start_replicas = world // stages
+        for k in layouts:
+            replicas = world // k
+            if t.batch_size % (start_replicas if p.batch_policy == "per-replica" else replicas):
+                most = start_replicas if p.batch_policy == "per-replica" else replicas
+                raise _bad("batch_size", t.batch_size, f"it must be divisible by every replica count "
+                           f"the run may reach (up to {most}); use a multiple of {most}")
+            batch = t.batch_size // (start_replicas if p.batch_policy == "per-replica" else replicas)
+            if p.micro_batches and batch % p.micro_batches:
+                raise _bad("micro_batches", p.micro_batches, f"it must divide the per-replica batch "
+                           f"({batch} with {k} stage(s) x {replicas} replica(s)); pick a divisor of "
+                           f"it or 0 for automatic")
+            if not p.micro_batches:
+                try:
+                    choose_microbatches(k, batch)
+                except ValueError:
+                    raise _bad("batch_size", t.batch_size, f"{k} stages need at least {k} "
+                               f"micro-batches per replica batch ({batch}); use a larger "
+                               f"--batch-size or fewer --stages") from None
+        if facts.train_rows < t.batch_size:
+            raise _bad("batch_size", t.batch_size, f"it is larger than the training set "
+                       f"({facts.train_rows} samples); lower it or use more --train-samples")
+
     @classmethod
-    def from_dict(cls, raw: dict, source: str = "config") -> "Config":
+    def from_dict(cls, raw: dict, source: str = "config") -> Config:
         raw = dict(raw or {})
         kwargs = {}
         for name in cls.SECTIONS:
@@ -198,33 +250,88 @@ class Config:
         return cls(**kwargs)
 
 
+@dataclass(frozen=True)
+class RunFacts:
+    """What the cross-field checks need to know of the model and the data."""
+    model_modality: str  # "text" or "image"
+    data_modality: str
+    num_units: int       # places the partitioner can cut between (models.base)
+    train_rows: int
+    max_positions: int | None = None
+
+
+def describe_run(cfg: Config) -> RunFacts:
+    """RunFacts from the model's config.json and the data file, without loading either."""
+    model = describe_model(cfg.model.model)
+    data = describe_data(cfg.data.data)
+    train_rows = split_sizes(data.labels, cfg.data.val_fraction, cfg.data.train_samples,
+                             cfg.data.eval_samples)[0]
+    return RunFacts(model.modality, data.modality, model.num_units, train_rows, model.max_positions)
+
+
+def config_fields() -> Iterator[tuple[str, dataclasses.Field]]:
+    """(section, field) for every configurable field, in help order."""
+    for section in Config.SECTIONS:
+        yield from ((section, f) for f in dataclasses.fields(type(getattr(Config(), section))))
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """A new Config with field=value overrides (flat field names), validated again."""
+    raw = cfg.to_dict()
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key == "run_dir":
+            raw["run_dir"] = value
+            continue
+        section = next((s for s, f in config_fields() if f.name == key), None)
+        if section is None:
+            raise ConfigError(f"unknown setting {key!r}; see `pipetransformer train --help`")
+        raw[section][key] = value
+    return Config.from_dict(raw)
+
+
 def _coerce(section_cls, name: str, value):
-    """YAML gives strings for things like 1e-4; convert to the field's type or say why not."""
-    typ = {f.name: f.type for f in dataclasses.fields(section_cls)}[name]
+    """Convert a YAML or keyword value to the field's type as strictly as the flag parser
+    would: 1.7 is no int, 2 is no bool; strings such as "1e-4" are parsed."""
+    typ = str({f.name: f.type for f in dataclasses.fields(section_cls)}[name])
     try:
         if typ == "bool":
             if isinstance(value, str):
-                if value.lower() in ("true", "on", "yes", "1"):
-                    return True
-                if value.lower() in ("false", "off", "no", "0"):
-                    return False
-                raise ValueError
-            return bool(value)
-        if typ == "str" and isinstance(value, bool):  # YAML 1.1 reads a bare off / on as a bool
-            return "on" if value else "off"
-        return {"int": int, "float": float, "str": str}[typ](value)
+                return parse_on_off(value)
+            if isinstance(value, bool) or value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if typ == "str":  # YAML 1.1 reads a bare off / on as a bool
+            return ("on" if value else "off") if isinstance(value, bool) else str(value)
+        if isinstance(value, bool) or (typ == "int" and isinstance(value, float)):
+            raise ValueError
+        return {"int": int, "float": float}[typ](value)
     except (ValueError, TypeError):
         raise _bad(name, value, f"expected a value of type {typ}") from None
 
 
-def load_config(path: str | Path) -> Config:
+def parse_on_off(value: str) -> bool:
+    if value.lower() in ("on", "true", "yes", "1"):
+        return True
+    if value.lower() in ("off", "false", "no", "0"):
+        return False
+    raise ValueError(f"expected on or off, got {value!r}")
+
+
+def read_yaml(path: str | Path) -> dict:
+    """The mapping a YAML config file holds (empty for an empty file)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config={str(path)!r}: no such file; pass a YAML file path")
     try:
         raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"--config={str(path)!r} is not valid YAML: {e}") from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"--config={str(path)!r}: the top level must be a mapping of sections")
-    return Config.from_dict(raw, source=str(path))
+    return raw or {}
+
+
+def load_config(path: str | Path) -> Config:
+    return Config.from_dict(read_yaml(path), source=str(path))

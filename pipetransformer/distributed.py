@@ -7,7 +7,8 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["init", "shutdown", "device_for", "raise_on_sigterm", "TIMEOUT"]
+__all__ = ["init", "shutdown", "device_for", "local_rank_world", "sum_over_world", "raise_on_sigterm",
+           "TIMEOUT"]
 
 TIMEOUT = datetime.timedelta(minutes=10)  # a dead peer ends in an error, never a hang
 
@@ -19,11 +20,16 @@ def device_for(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def local_rank_world() -> tuple[int, int]:
+    """(this process's rank on its machine, processes on its machine), as torchrun sets them."""
+    return int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
 def init() -> tuple[int, int, torch.device]:
     """(rank, world size, device). Works with torchrun's variables or none at all."""
+    device = device_for(local_rank_world()[0])
     if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), device_for(int(os.environ.get("LOCAL_RANK", 0)))
-    device = device_for(int(os.environ.get("LOCAL_RANK", 0)))
+        return dist.get_rank(), dist.get_world_size(), device
     backend = "nccl" if device.type == "cuda" else "gloo"
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend, timeout=TIMEOUT, device_id=device if device.type == "cuda" else None)
@@ -31,6 +37,13 @@ def init() -> tuple[int, int, torch.device]:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=TIMEOUT,
                                 device_id=device if device.type == "cuda" else None)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def sum_over_world(t: torch.Tensor, comm_device: torch.device) -> torch.Tensor:
+    """All-reduce (sum) a small host tensor over every process; NCCL needs it on the GPU."""
+    x = t.to(comm_device)
+    dist.all_reduce(x)
+    return x.cpu()
 
 
 def shutdown() -> None:

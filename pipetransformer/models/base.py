@@ -9,8 +9,9 @@ names are the stable names used by partitioning, migration and checkpoints.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,9 +22,6 @@ class Unit:
     name: str          # stable: "embed", "block.3.attn", "block.3.mlp", "head"
     freeze_index: int  # frozen once k > freeze_index: embed 0, block l -> l, head L (never)
     module: nn.Module
-
-    def param_count(self) -> int:
-        return sum(p.numel() for p in self.module.parameters())
 
     def cost(self) -> int:
         """Partitioning weight: parameters that do matrix work per token.
@@ -56,13 +54,11 @@ class SubBlock(nn.Module):
 class StagedModel:
     """A Hugging Face classifier split into units. Holds no training machinery."""
 
-    def __init__(self, hf_model: nn.Module, units: list[Unit], modality: str, processor=None):
+    def __init__(self, hf_model: Any, units: list[Unit], modality: str, processor=None):
         self.hf_model = hf_model
         self.units = units
         self.modality = modality          # "text" or "image"
         self.processor = processor        # tokenizer or image processor, saved with the model
-        # unit name -> (forward+backward, forward) seconds, once profiled (transition.profile_units)
-        self.unit_seconds: dict[str, tuple[float, float]] | None = None
         self.num_blocks = max(u.freeze_index for u in units if u.name != "head") + 1
         self._names = {id(p): n for n, p in hf_model.named_parameters()}
         assert units[0].name == "embed" and units[-1].name == "head"
@@ -70,9 +66,6 @@ class StagedModel:
     @property
     def num_labels(self) -> int:
         return self.hf_model.config.num_labels
-
-    def unit(self, name: str) -> Unit:
-        return next(u for u in self.units if u.name == name)
 
     def named_parameters(self, unit: Unit):
         """(stable Hugging Face name, parameter) pairs of one unit."""

@@ -1,13 +1,13 @@
 """Adapters for Hugging Face BERT-family sequence classifiers (BERT, MiniLM, RoBERTa, DistilBERT)."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from .base import StagedModel, SubBlock, Unit
-
-BERT_LIKE = {"bert", "roberta", "xlm-roberta", "camembert", "electra"}
-TEXT_FAMILIES = BERT_LIKE | {"distilbert"}
+from .catalog import BERT_LIKE, TEXT_FAMILIES
 
 
 class _Embed(nn.Module):
@@ -61,7 +61,7 @@ def _distil_head(m, x):
     return m.classifier(m.dropout(pooled))
 
 
-def wrap_text_model(hf_model: nn.Module, tokenizer=None) -> StagedModel:
+def wrap_text_model(hf_model: Any, tokenizer=None) -> StagedModel:
     kind = hf_model.config.model_type
     if kind in BERT_LIKE:
         base = getattr(hf_model, hf_model.base_model_prefix)

@@ -1,12 +1,13 @@
 """Adapters for Hugging Face ViT-family image classifiers (ViT, DeiT, DINOv2)."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from .base import StagedModel, SubBlock, Unit
-
-VISION_FAMILIES = {"vit", "deit", "dinov2"}
+from .catalog import VISION_FAMILIES
 
 
 class _Embed(nn.Module):
@@ -47,7 +48,7 @@ def _dino_mlp(m, x):
     return x + m.drop_path(m.layer_scale2(m.mlp(m.norm2(x))))
 
 
-def wrap_vision_model(hf_model: nn.Module, image_processor=None) -> StagedModel:
+def wrap_vision_model(hf_model: Any, image_processor=None) -> StagedModel:
     kind = hf_model.config.model_type
     if kind not in VISION_FAMILIES:
         raise ValueError(f"model type {kind!r} is not a supported image model; "

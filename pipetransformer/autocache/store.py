@@ -1,4 +1,4 @@
-"""AutoCache: the frozen prefix's output for each training sample, keyed by sample index.
+"""The store: the frozen prefix's output for each training sample, keyed by sample index.
 
 One *level* holds the outputs of the first k frozen blocks for every training row: a slab
 of shape (rows, *row_shape) split by row range over tiers, each within a byte budget:
@@ -22,15 +22,16 @@ from __future__ import annotations
 import atexit
 import os
 import socket
-import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-__all__ = ["ActivationCache", "available_host_bytes", "best_seconds", "should_cache"]
+from ..timing import best_seconds
+
+__all__ = ["ActivationCache", "available_host_bytes", "SHM_DIR"]
 
 SHM_DIR = Path("/dev/shm")
 
@@ -43,25 +44,6 @@ def available_host_bytes() -> int:
     except OSError:
         pass
     return 0
-
-
-def best_seconds(fn: Callable[[], object], device: torch.device, repeat: int = 3,
-                 grad: bool = False) -> float:
-    """Fastest of `repeat` timed calls of `fn` (no grad unless asked), waiting for the GPU."""
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        with torch.set_grad_enabled(grad):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def should_cache(prefix_seconds: float, read_seconds: float) -> bool:
-    """The policy: a cache pays when reading a batch's entries beats recomputing them."""
-    return prefix_seconds > read_seconds
 
 
 @dataclass
@@ -104,7 +86,7 @@ class ActivationCache:
         self.hits = self.misses = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-prefetch")
         # reads started ahead, oldest first: the engine asks for step s+1 before it fetches s
-        self._ahead: list[tuple[torch.Tensor, object]] = []
+        self._ahead: list[tuple[torch.Tensor, Future]] = []
         self.ahead_hits = 0  # fetches served by a read started ahead
         self._paths: set[Path] = set()
         atexit.register(self.close)
@@ -148,6 +130,11 @@ class ActivationCache:
         self._barrier()
         return torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape)
 
+    @property
+    def _open(self) -> _Level:
+        assert self.level is not None, "no level is open"
+        return self.level
+
     # --- rows ----------------------------------------------------------------------------
     # Positions are computed on the CPU and moved as index tensors: a boolean mask on the
     # device would make every read wait for the GPU.
@@ -155,7 +142,7 @@ class ActivationCache:
         """Entries of `rows` on this process's device. Host and disk rows are gathered on the
         CPU (into pinned memory for a GPU), then copied over without blocking."""
         out = torch.empty((len(rows), *self.row_shape), dtype=self.dtype, device=self.device)
-        for p in self.level.parts:
+        for p in self._open.parts:
             pos = ((rows >= p.start) & (rows < p.stop)).nonzero().flatten()
             if len(pos):
                 values = p.data[(rows[pos] - p.start).to(p.data.device, non_blocking=True)]
@@ -167,15 +154,15 @@ class ActivationCache:
 
     def _write(self, rows: torch.Tensor, values: torch.Tensor) -> None:
         values = values.detach().to(self.dtype)
-        for p in self.level.parts:
+        for p in self._open.parts:
             pos = ((rows >= p.start) & (rows < p.stop)).nonzero().flatten()
             if len(pos):
                 chunk = values.index_select(0, pos.to(values.device, non_blocking=True))
                 p.data[(rows[pos] - p.start).to(p.data.device, non_blocking=True)] = chunk.to(p.data.device)
-        self.level.valid[rows] = 1  # after the data: a reader never sees a half-written row
+        self._open.valid[rows] = 1  # after the data: a reader never sees a half-written row
 
     def _lookup(self, rows: torch.Tensor):
-        hit = self.level.valid[rows].bool()
+        hit = self._open.valid[rows].bool()
         return hit, self._read(rows[hit])
 
     def prefetch(self, rows: torch.Tensor) -> None:
@@ -220,12 +207,12 @@ class ActivationCache:
         done = 0
         for start in range(0, len(my_rows), chunk):
             rows = my_rows[start:start + chunk]
-            rows = rows[self.level.valid[rows].bool()]
+            rows = rows[self._open.valid[rows].bool()]
             if len(rows):
                 self._write(rows, run_blocks(self._read(rows), rows))
                 done += len(rows)
         self._barrier()  # every process's rows are at k before anyone reads them
-        self.level.k = k
+        self._open.k = k
         return done
 
     def stats(self) -> dict:

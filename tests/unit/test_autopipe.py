@@ -1,4 +1,4 @@
-"""Unit tests for pipetransformer.partition (pure planning functions, no torch)."""
+"""AutoPipe's pure planning functions: partition, compression, micro-batches, unit costs."""
 
 from __future__ import annotations
 
@@ -8,14 +8,18 @@ import random
 
 import pytest
 
-from pipetransformer.partition import (
+from pipetransformer.autopipe import (
     DEFAULT_FROZEN_FACTOR,
     Plan,
+    UnitCost,
     balance,
-    bubble_fraction,
+    balance_costs,
     choose_microbatches,
     compress,
-    layouts,
+    divisors,
+    largest_divisor_at_most,
+    memory_costs,
+    next_stage_count,
 )
 
 # ---------------------------------------------------------------------------------------
@@ -230,12 +234,13 @@ def test_bad_costs():
 # compress
 
 
-def test_layouts():
-    assert layouts(8) == [8, 4, 2, 1]
-    assert layouts(6) == [6, 3, 2, 1]
-    assert layouts(1) == [1]
+def test_divisors_are_the_stage_counts():
+    assert divisors(8) == [8, 4, 2, 1]
+    assert divisors(6) == [6, 3, 2, 1]
+    assert divisors(1) == [1]
+    assert [largest_divisor_at_most(6, n) for n in (1, 2, 4, 5, 9)] == [1, 2, 3, 3, 6]
     with pytest.raises(ValueError):
-        layouts(0)
+        divisors(0)
 
 
 def test_compress_no_change_at_start():
@@ -256,7 +261,7 @@ def simulate(units, world, factor):
         assert world % new == 0
         # The chosen layout honours the budget, except a drop forced by having fewer
         # active units than stages (then K is the largest divisor of W that fits).
-        forced = k if k <= len(active) else max(d for d in layouts(world) if d <= len(active))
+        forced = k if k <= len(active) else max(d for d in divisors(world) if d <= len(active))
         if new < forced:
             assert balance(active, new, frozen_cost=frozen).max_cost <= budget
         else:
@@ -319,22 +324,15 @@ def test_compress_budget_is_inclusive():
 # micro-batches
 
 
-def test_bubble_fraction():
-    assert bubble_fraction(1, 1) == 0.0
-    assert bubble_fraction(4, 8) == pytest.approx(3 / 11)
-    assert bubble_fraction(8, 16) == pytest.approx(7 / 23)
-    with pytest.raises(ValueError):
-        bubble_fraction(0, 4)
-
-
 def test_choose_microbatches_rule():
     assert choose_microbatches(1, 32) == 1
     assert choose_microbatches(1, 7) == 1
     assert choose_microbatches(4, 32) == 8
     assert choose_microbatches(8, 64) == 16
     assert choose_microbatches(2, 4) == 4
-    for k in (2, 4, 8):
-        assert bubble_fraction(k, choose_microbatches(k, 1024)) < 1 / 3
+    for k in (2, 4, 8):  # the GPipe bubble (K-1)/(M+K-1) stays under 1/3
+        m = choose_microbatches(k, 1024)
+        assert (k - 1) / (m + k - 1) < 1 / 3
 
 
 def test_choose_microbatches_divisibility_fallback():
@@ -344,10 +342,6 @@ def test_choose_microbatches_divisibility_fallback():
     assert choose_microbatches(4, 6) == 6  # nothing >= 8 divides 6: downward to 6
     assert choose_microbatches(3, 4) == 4  # target 6 > batch: largest divisor >= 3
     assert choose_microbatches(4, 5) == 5
-    # Candidates restrict the search; upward first, then downward.
-    assert choose_microbatches(4, 32, candidates=[4, 16]) == 16
-    assert choose_microbatches(4, 32, candidates=[4, 12]) == 4
-    assert choose_microbatches(1, 32, candidates=[4]) == 4
 
 
 def test_choose_microbatches_too_small():
@@ -355,5 +349,30 @@ def test_choose_microbatches_too_small():
         choose_microbatches(8, 4)
     msg = str(e.value)
     assert "4" in msg and "8" in msg and "--batch-size" in msg and "--stages" in msg
-    with pytest.raises(ValueError, match="candidates"):
-        choose_microbatches(4, 32, candidates=[3, 5, 6])
+
+
+# ---------------------------------------------------------------------------------------
+# unit costs and the next stage count
+
+UNITS = [UnitCost("embed", 0, 10.0), UnitCost("block.0.attn", 0, 4.0), UnitCost("block.0.mlp", 0, 8.0),
+         UnitCost("block.1.attn", 1, 4.0), UnitCost("block.1.mlp", 1, 8.0), UnitCost("head", 2, 1.0)]
+
+
+def test_memory_costs_charge_frozen_units_a_sixth():
+    active, frozen_cost = memory_costs(UNITS, 1)
+    assert active == [4.0, 8.0, 1.0]
+    assert frozen_cost == pytest.approx((10 + 4 + 8) / 6)
+
+
+def test_balance_costs_use_the_profile_only_when_every_unit_has_one():
+    timed = [UnitCost(u.name, u.freeze_index, u.size, (2.0, 0.5)) for u in UNITS]
+    assert balance_costs(timed, 1) == ([2.0, 2.0, 2.0], pytest.approx(1.5))
+    assert balance_costs(timed[:-1] + [UNITS[-1]], 1) == memory_costs(UNITS, 1)
+
+
+def test_next_stage_count_compresses_only_when_elastic():
+    budget = balance(*[memory_costs(UNITS, 0)[0]], 2, frozen_cost=0.0).max_cost
+    assert next_stage_count(UNITS, 0, 2, 2, budget, elastic=True) == 2
+    assert next_stage_count(UNITS, 2, 2, 2, budget, elastic=True) == 1   # only the head is left
+    assert next_stage_count(UNITS, 1, 2, 2, budget, elastic=False) == 2  # fixed: keeps two stages
+    assert next_stage_count(UNITS, 2, 2, 2, budget, elastic=False) == 1  # one unit cannot fill two

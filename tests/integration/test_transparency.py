@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 
 from conftest import assert_same_training, make_model_folder, run_cli
 
+pytestmark = pytest.mark.integration
+
 COMMON = ["--freeze", "schedule", "--alpha", "0.5", "--epochs", "5", "--batch-size", "32",
           "--train-samples", "0", "--max-length", "16", "--dropout", "off", "--seed", "3",
           "--lr", "3e-3", "--cache", "off"]

@@ -8,6 +8,8 @@ import pytest
 
 from conftest import assert_same_training, run_cli
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def tiny_vit(tmp_path_factory):
@@ -61,32 +63,7 @@ def test_vit_trains_on_an_image_folder(tmp_path, tiny_vit):
     assert len(records) == 3 and records[0]["total_layers"] == 4
 
 
-def test_npz_without_labels_is_named(tmp_path, tiny_vit):
-    np.savez(tmp_path / "bad.npz", images=np.zeros((4, 8, 8)))
-    out = run_cli("train", "--model", str(tiny_vit), "--data", str(tmp_path / "bad.npz"),
-                  "--run-dir", str(tmp_path / "run"))
-    assert out.returncode == 2 and "arrays named x" in out.stderr
-
-
 # --- augmentation ---------------------------------------------------------------------------
-
-def test_crop_flip_depends_only_on_seed_epoch_and_row():
-    import torch
-    from pipetransformer.data import crop_flip
-    x = torch.randn(4, 3, 12, 12)
-    rows = torch.tensor([7, 2, 9, 4])
-    a = crop_flip(x, rows, 10, epoch=1, seed=3)
-    assert a.shape == x.shape and not torch.allclose(a, x)
-    assert torch.equal(a, crop_flip(x, rows, 10, epoch=1, seed=3))
-    # the same row in another batch, at another position, gets the same augmentation
-    assert torch.equal(a[2:3], crop_flip(x[2:3], rows[2:3], 10, epoch=1, seed=3))
-    assert not torch.allclose(a, crop_flip(x, rows, 10, epoch=2, seed=3))
-    # with the whole image kept, each image is either itself or its mirror, about half each
-    whole = crop_flip(x.repeat(25, 1, 1, 1), torch.arange(100), 100, epoch=0, seed=0, min_side=1.0)
-    same = torch.isclose(whole, x.repeat(25, 1, 1, 1), atol=1e-5).flatten(1).all(1)
-    mirrored = torch.isclose(whole, x.repeat(25, 1, 1, 1).flip(-1), atol=1e-5).flatten(1).all(1)
-    assert bool((same ^ mirrored).all()) and 30 < int(mirrored.sum()) < 70
-
 
 def _augmented(run_dir, model, data, *extra):
     out = run_cli("train", "--model", str(model), "--data", str(data), "--run-dir", str(run_dir),
@@ -119,10 +96,3 @@ def test_augmented_training_is_the_same_on_two_processes(tmp_path, tiny_vit):
     assert [r["replicas"] for r in two] == [1, 1, 2]
     weights = [load_file(tmp_path / d / "final" / "model.safetensors") for d in ("one", "two")]
     assert_same_training((one, weights[0]), (two, weights[1]))
-
-
-def test_augmentation_of_a_text_model_is_refused(tmp_path, tiny_bert, tiny_csv):
-    out = run_cli("train", "--model", str(tiny_bert), "--data", str(tiny_csv), "--run-dir",
-                  str(tmp_path / "run"), "--augment", "crop-flip")
-    assert out.returncode == 2 and "augmentation is for image models" in out.stderr
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()

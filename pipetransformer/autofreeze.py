@@ -14,12 +14,13 @@ gradient term binds, the budget restarts from the integer k. The second term fre
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
-__all__ = ["FreezeState", "decide", "closed_form", "GradNormMeter"]
+__all__ = ["FreezeState", "decide", "closed_form", "GradNormMeter", "decide_across_world"]
 
 MODES = ("off", "schedule", "adaptive")
 _EPS = 1e-9  # so that ceil(4.0000000001) from float error stays 4
@@ -27,12 +28,11 @@ _EPS = 1e-9  # so that ceil(4.0000000001) from float error stays 4
 
 @dataclass
 class FreezeState:
-    """Everything AutoFreeze remembers between decisions (saved in checkpoints)."""
+    """Everything AutoFreeze remembers between decisions."""
     num_blocks: int
     frozen: int = 0            # k: blocks 0..k-1 are frozen (the embedding freezes with block 0)
     budget: float = 0.0        # real-valued cap term, see module docstring
     decisions: int = 0         # T
-    history: list = field(default_factory=list)  # per decision: {"k", "cap", "norms"}
 
     def state_dict(self) -> dict:
         return dict(self.__dict__)
@@ -61,12 +61,10 @@ def decide(state: FreezeState, alpha: float, mode: str, grad_norms: Sequence[flo
     L, k = state.num_blocks, state.frozen
     state.decisions += 1
     if mode == "off" or k >= L:
-        state.history.append({"k": k, "cap": k, "norms": None})
         return k
     budget = state.budget + alpha * (L - state.budget)
     cap = min(L, _ceil(budget))
     new_k = cap
-    norms = None
     if mode == "adaptive":
         if grad_norms is None or len(grad_norms) != L:
             raise ValueError(f"adaptive freezing needs {L} gradient norms, got "
@@ -78,7 +76,6 @@ def decide(state: FreezeState, alpha: float, mode: str, grad_norms: Sequence[flo
     assert new_k >= k
     state.frozen = new_k
     state.budget = budget if new_k == cap else float(new_k)
-    state.history.append({"k": new_k, "cap": cap, "norms": norms})
     return new_k
 
 
@@ -119,3 +116,17 @@ class GradNormMeter:
 
     def reset(self) -> None:
         self._sums.clear()
+
+
+def decide_across_world(state: FreezeState, meter: GradNormMeter, alpha: float, mode: str,
+                        comm_device: torch.device) -> int:
+    """One decision for the whole run: the interval's squared norms are summed over every
+    process (each block counted once: only replica 0 accumulates), rank 0 decides, every
+    rank takes its k. Collective."""
+    sq = meter.squared_norms().to(comm_device)
+    dist.all_reduce(sq)
+    meter.reset()
+    k = torch.tensor([decide(state, alpha, mode, sq.cpu().sqrt().tolist())], device=comm_device)
+    dist.broadcast(k, src=0)
+    state.frozen = int(k)
+    return state.frozen

@@ -1,22 +1,15 @@
-"""AutoCache: tiers and budgets, incremental levels, clean-up, and training equal to no cache."""
+"""AutoCache: the store's tiers and budgets, incremental levels, clean-up; the pure policy."""
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from pipetransformer.cache import SHM_DIR, ActivationCache, should_cache
-
-from conftest import assert_same_training, run_cli
+from pipetransformer.autocache.policy import cache_wanted, cache_warning, host_budget, should_cache, storage_dtype
+from pipetransformer.autocache.store import SHM_DIR, ActivationCache
 
 
 def _cache(tmp_path, rows=10, host_budget=10**9, dtype=torch.float32):
@@ -60,7 +53,7 @@ def test_reads_started_a_step_ahead_serve_the_fetches(tmp_path):
         cache.open_level(1)
         values = torch.randn(12, 3, 4)
         steps = torch.randperm(12).view(4, 3)
-        for epoch in range(2):  # the first fills, the second reads
+        for _epoch in range(2):  # the first fills, the second reads
             cache.reset_counters()
             for s, rows in enumerate(steps):
                 if s + 1 < len(steps):
@@ -140,9 +133,24 @@ def test_two_local_processes_share_a_level_while_one_lags(tmp_path):
     assert not _shm_files(caches[0])
 
 
-def test_bfloat16_storage_and_policy():
+def test_policy_caches_when_reading_beats_recomputing():
     assert should_cache(prefix_seconds=0.02, read_seconds=0.001)
     assert not should_cache(prefix_seconds=0.001, read_seconds=0.002)
+
+
+def test_policy_keeps_auto_off_under_augmentation_and_warns_once_opted_in():
+    assert cache_wanted("auto", "off") and cache_wanted("on", "crop-flip")
+    assert not cache_wanted("auto", "crop-flip") and not cache_wanted("off", "off")
+    assert cache_warning("auto", "off") is None and cache_warning("off", "crop-flip") is None
+    assert "cache off because --augment=crop-flip" in cache_warning("auto", "crop-flip")
+    assert "--cache on with --augment=crop-flip" in cache_warning("on", "crop-flip")
+
+
+def test_policy_storage_dtype_and_host_budget():
+    assert storage_dtype("auto", "cuda") == "bfloat16" and storage_dtype("auto", "cpu") == "float32"
+    assert storage_dtype("float32", "cuda") == "float32"
+    assert host_budget(1000, 0.5, 10**9) == 1000  # an explicit byte count wins
+    assert host_budget(0, 0.25, 4000) == 1000
 
 
 def test_bfloat16_rows(tmp_path):
@@ -156,60 +164,3 @@ def test_bfloat16_rows(tmp_path):
         assert torch.allclose(got, x.to(torch.bfloat16).float()) and cache.stats()["cache_bytes"] == 10 * 12 * 2
     finally:
         cache.close()
-
-
-# --- training with the cache equals training without it -----------------------------------
-
-ARGS = ["--freeze", "schedule", "--alpha", "0.5", "--epochs", "5", "--batch-size", "32",
-        "--train-samples", "0", "--max-length", "16", "--dropout", "off", "--seed", "5", "--lr", "3e-3"]
-
-
-def _run(run_dir, model, data, *extra):
-    out = run_cli("train", "--model", str(model), "--data", str(data), "--run-dir", str(run_dir), *ARGS, *extra)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert not (run_dir / "cache").exists() and not list(SHM_DIR.glob("pipetransformer-*"))
-    return records, load_file(run_dir / "final" / "model.safetensors")
-
-
-@pytest.mark.parametrize("nproc", ["1", "2"])
-def test_cache_on_equals_cache_off_across_transitions_and_reshards(tmp_path, tiny_bert, tiny_csv, nproc):
-    off = _run(tmp_path / "off", tiny_bert, tiny_csv, "--nproc", nproc, "--cache", "off")
-    on = _run(tmp_path / "on", tiny_bert, tiny_csv, "--nproc", nproc, "--cache", "on")
-    hits = [r["cache_hits"] for r in on[0]]
-    assert hits[:2] == [0, 0] and sum(hits[2:]) > 0, hits  # filled at the first frozen level, read later
-    assert {r["cache_tier"] for r in on[0][1:]} == {"host"} and all(r["cache_bytes"] > 0 for r in on[0][1:])
-    if nproc == "2":
-        assert [r["replicas"] for r in on[0]][0] == 1 and on[0][-1]["replicas"] == 2
-    assert_same_training(off, on, tol=1e-6, key_biases=True)
-
-
-def test_tiny_host_budget_spills_to_disk_with_the_same_result(tmp_path, tiny_bert, tiny_csv):
-    off = _run(tmp_path / "off", tiny_bert, tiny_csv, "--cache", "off")
-    disk = _run(tmp_path / "disk", tiny_bert, tiny_csv, "--cache", "on", "--cache-host-bytes", "20000")
-    assert "disk" in disk[0][-1]["cache_tier"] and sum(r["cache_hits"] for r in disk[0]) > 0
-    assert_same_training(off, disk, tol=1e-6, key_biases=True)
-
-
-def test_a_stopped_run_leaves_no_shared_memory(tmp_path, tiny_bert, tiny_csv):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "pipetransformer", "train", "--model", str(tiny_bert),
-                             "--data", str(tiny_csv), "--run-dir", str(tmp_path / "run"), *ARGS,
-                             "--epochs", "400", "--cache", "on", "--cache-host-bytes", "20000"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    mine = f"pipetransformer-{proc.pid}-*"  # a one-process run names its cache by its pid
-
-    def built():
-        return list(SHM_DIR.glob(mine)) and list((tmp_path / "run" / "cache").glob("*"))
-    try:
-        deadline = time.time() + 120
-        while not built() and time.time() < deadline:
-            assert proc.poll() is None, "the run ended before it built its cache"
-            time.sleep(0.2)
-        assert built(), "no cache in /dev/shm and on disk after 120 s"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) != 0
-    finally:
-        proc.kill()
-    assert not list(SHM_DIR.glob(mine))
-    assert not list((tmp_path / "run" / "cache").glob("*"))

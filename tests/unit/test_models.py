@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from pipetransformer.models import load_model, wrap_model  # noqa: E402
+from pipetransformer.models.loading import load_model, wrap_model  # noqa: E402
 
 ATOL = 1e-5
 VOCAB = 100
@@ -205,7 +205,6 @@ def test_unit_structure_and_partition(family):
             assert u.freeze_index == L
         else:
             assert u.freeze_index == int(u.name.split(".")[1])
-        assert staged.unit(u.name) is u
 
     # the units partition the parameters of the HF model, by identity
     hf = {id(p): n for n, p in model.named_parameters()}
@@ -219,7 +218,8 @@ def test_unit_structure_and_partition(family):
     assert not missing, f"{family}: parameters in no unit: {missing}"
     assert not duplicated, f"{family}: parameters in several units: {duplicated}"
     assert not foreign, f"{family}: unit parameters not in the HF model: {foreign}"
-    assert sum(u.param_count() for u in staged.units) == sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for u in staged.units for p in u.module.parameters()) == \
+        sum(p.numel() for p in model.parameters())
 
     # named_parameters(unit) uses the HF names
     hf_named = dict(model.named_parameters())
@@ -264,7 +264,7 @@ def test_minilm_loads_offline(minilm):
 
 def test_minilm_head_seeding(minilm):
     def head(s):
-        return {n: p.detach().clone() for n, p in s.named_parameters(s.unit("head"))}
+        return {n: p.detach().clone() for n, p in s.named_parameters(_unit(s, "head"))}
 
     same = load_model("minilm-l6", num_labels=2, seed=0)
     other = load_model("minilm-l6", num_labels=2, seed=1)
@@ -275,8 +275,8 @@ def test_minilm_head_seeding(minilm):
         assert torch.equal(h0[n], h0b[n]), n
     assert any(not torch.equal(h0[n], h1[n]) for n in clf)
     # the encoder is pretrained, not seeded: identical across seeds
-    emb0 = dict(minilm.named_parameters(minilm.unit("embed")))
-    emb1 = dict(other.named_parameters(other.unit("embed")))
+    emb0 = dict(minilm.named_parameters(_unit(minilm, "embed")))
+    emb1 = dict(other.named_parameters(_unit(other, "embed")))
     for n in emb0:
         assert torch.equal(emb0[n], emb1[n]), n
 
@@ -355,36 +355,5 @@ def test_load_model_from_local_folder(tmp_path):
     assert named.hf_model.config.id2label == {0: "neg", 1: "pos"}
 
 
-# --- balancing by measured time ------------------------------------------------------------
-
-def test_profile_times_every_unit_and_changes_no_state():
-    from pipetransformer.transition import profile_units
-    staged = wrap_model(_bert())
-    ids = torch.randint(0, VOCAB, (4, SEQ))
-    inputs = staged.inputs({"input_ids": ids, "attention_mask": torch.ones(4, SEQ)})
-    rng = torch.get_rng_state()
-    seconds = profile_units(staged, inputs, "cpu")
-    assert list(seconds) == [u.name for u in staged.units]
-    assert all(both > 0 and fwd > 0 for both, fwd in seconds.values())
-    assert torch.equal(torch.get_rng_state(), rng)  # dropout draws were undone
-    assert all(p.grad is None for p in staged.hf_model.parameters())
-
-
-def test_plan_follows_the_profile_when_there_is_one():
-    from pipetransformer.transition import plan_layout
-    staged = wrap_model(_bert())  # units: embed, 3 x (attn, mlp), head
-    by_params = [len(s) for s in _stages(plan_layout(staged, 0, 2))]
-    # make the first attention unit as slow as everything else together: it gets a stage alone
-    staged.unit_seconds = {u.name: (1.0, 0.3) for u in staged.units}
-    staged.unit_seconds["block.0.attn"] = (7.0, 2.0)
-    assert [len(s) for s in _stages(plan_layout(staged, 0, 2))] == [2, 6]
-    assert [len(s) for s in _stages(plan_layout(staged, 0, 2, by_memory=True))] == by_params != [2, 6]
-    # frozen units weigh their forward time on stage 0: block 0 frozen (2.0 + 0.3 + 0.3) there
-    frozen, active, plan = plan_layout(staged, 1, 2)
-    assert [u.name for u in frozen] == ["embed", "block.0.attn", "block.0.mlp"]
-    assert plan.max_cost == pytest.approx(max(2.6 + plan.bounds[1] * 1.0, (5 - plan.bounds[1]) * 1.0))
-
-
-def _stages(planned):
-    _, active, plan = planned
-    return [active[a:b] for a, b in zip(plan.bounds, plan.bounds[1:])]
+def _unit(staged, name):
+    return next(u for u in staged.units if u.name == name)

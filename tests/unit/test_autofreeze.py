@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from pipetransformer.freeze import FreezeState, GradNormMeter, closed_form, decide
+from pipetransformer.autofreeze import FreezeState, GradNormMeter, closed_form, decide
 
 # SPEC.md, L = 12
 SPEC = {1 / 3: [0, 4, 7, 9, 10, 11, 11, 12], 1 / 4: [0, 3, 6, 7, 9, 10, 10, 11, 11, 12],

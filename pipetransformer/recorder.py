@@ -1,0 +1,101 @@
+"""Everything a run writes: the run folder, metrics.jsonl, log lines, progress bars, the
+plot, summary.json and final/ (a Hugging Face folder). Only rank 0 writes or prints."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .config import Config
+from .errors import ConfigError
+
+__all__ = ["Recorder", "plot_metrics"]
+
+
+class Recorder:
+    def __init__(self, cfg: Config, rank: int, progress: bool = True):
+        self.cfg, self.rank = cfg, rank
+        self.run_dir = Path(cfg.run_dir)
+        self.progress = progress and rank == 0
+
+    def log(self, *msg) -> None:
+        if self.rank == 0:
+            print(*msg, flush=True)
+
+    def start(self) -> None:
+        """Claim the run folder and write the resolved config (an existing run is refused)."""
+        if self.rank != 0:
+            return
+        if (self.run_dir / "metrics.jsonl").exists() or (self.run_dir / "final").exists():
+            raise ConfigError(f"--run-dir={str(self.run_dir)!r} already holds a run; nothing was "
+                              f"overwritten. Pass a new --run-dir or move that folder away")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        import yaml
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+
+    def bar(self, total: int, desc: str):
+        if not self.progress:
+            return None
+        from tqdm.auto import tqdm
+        return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=False)
+
+    def epoch(self, rec: dict) -> None:
+        """One epoch's record: a log line, and a line of metrics.jsonl."""
+        rec["open_fds"] = _open_fds()  # rank 0's; flat across transitions = no leaked groups
+        self.log(f"epoch {rec['epoch']}: val_accuracy {rec['val_accuracy']:.4f} val_loss "
+                 f"{rec['val_loss']:.4f} train_loss {rec['train_loss']:.4f} | frozen "
+                 f"{rec['frozen_layers']}/{rec['total_layers']} | {rec['stages']} stage(s) x "
+                 f"{rec['replicas']} replica(s), M={rec['micro_batches']} | "
+                 f"{rec['samples_per_second']:.1f} samples/s, {rec['epoch_seconds']:.1f} s")
+        if self.rank == 0:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def finish(self, model, records: list[dict], seconds: float, layout) -> None:
+        """final/ (Hugging Face format), metrics.png and summary.json."""
+        if self.rank != 0:
+            return
+        final = self.run_dir / "final"
+        model.hf_model.to("cpu").save_pretrained(final)
+        if model.processor is not None:
+            model.processor.save_pretrained(final)
+        plot_metrics(records, self.run_dir / "metrics.png")
+        summary = {"val_accuracy": records[-1]["val_accuracy"], "total_seconds": seconds,
+                   "epochs": len(records), "final_frozen_layers": records[-1]["frozen_after"],
+                   "final_layout": f"{layout}"}
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self.log(f"done in {seconds:.1f} s: val_accuracy {summary['val_accuracy']:.4f}; wrote "
+                 f"{self.run_dir}/metrics.jsonl, metrics.png and final/ (Hugging Face format)")
+
+
+def _open_fds() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return -1
+
+
+def plot_metrics(records: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in records]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(epochs, [100 * r["val_accuracy"] for r in records], "o-")
+    axes[0].set(title="validation accuracy", xlabel="epoch", ylabel="%")
+    axes[1].step(epochs, [r["frozen_layers"] for r in records], "o-", where="mid")
+    axes[1].set(title="frozen blocks during epoch", xlabel="epoch",
+                ylim=(-0.3, records[0]["total_layers"] + 0.3))
+    for r in records:
+        axes[1].annotate(f"{r['stages']}x{r['replicas']}", (r["epoch"], r["frozen_layers"]),
+                         textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    axes[2].bar(epochs, [r["samples_per_second"] for r in records])
+    axes[2].set(title="training throughput", xlabel="epoch", ylabel="samples / s")
+    for ax in axes:
+        ax.set_xticks(epochs)
+        ax.grid(alpha=0.3)
+    fig.suptitle("pipetransformer run (labels: stages x replicas)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

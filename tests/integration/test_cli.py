@@ -1,0 +1,39 @@
+"""The command line end to end: a real (tiny) run's outputs, and a run folder never overwritten."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.integration
+
+REQUIRED_FIELDS = {"epoch", "frozen_layers", "total_layers", "stages", "replicas", "micro_batches",
+                   "train_loss", "val_loss", "val_accuracy", "epoch_seconds", "samples_per_second",
+                   "transition_seconds"}
+
+
+def test_tiny_run_writes_metrics_plot_and_a_loadable_model(tmp_path, tiny_bert, tiny_csv):
+    run = tmp_path / "run"
+    args = ["train", "--model", str(tiny_bert), "--data", str(tiny_csv), "--run-dir", str(run),
+            "--epochs", "3", "--batch-size", "16", "--max-length", "16", "--lr", "3e-3",
+            "--freeze", "schedule", "--alpha", "0.5"]
+    out = run_cli(*args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and REQUIRED_FIELDS <= set(records[0])
+    assert [r["frozen_layers"] for r in records] == [0, 4, 6]
+    assert (run / "metrics.png").stat().st_size > 10_000
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(run / "final")
+    model = AutoModelForSequenceClassification.from_pretrained(run / "final").eval()
+    with torch.no_grad():
+        logits = model(**tok(["the movie was great", "awful plot"], return_tensors="pt", padding=True)).logits
+    assert logits.shape == (2, 2)
+    # the same run folder again: refused, and nothing in it is touched
+    before = (run / "metrics.jsonl").read_bytes()
+    again = run_cli(*args)
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+    assert (run / "metrics.jsonl").read_bytes() == before

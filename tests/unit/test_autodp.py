@@ -1,0 +1,62 @@
+"""AutoDP: the layout (W = K stages x D replicas), replica slicing, batch and LR policy."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipetransformer.autodp import Layout, lr_scale, replica_batch, replica_rows
+from pipetransformer.autopipe import divisors
+from pipetransformer.data.sampler import BatchSampler
+
+
+def test_six_processes_as_three_stages_by_two_replicas():
+    layout = Layout(6, 3)
+    assert layout.replicas == 2 and str(layout) == "3 stages x 2 replicas"
+    assert layout.pipeline_ranks(0) == [0, 1, 2] and layout.pipeline_ranks(1) == [3, 4, 5]
+    assert layout.stage_ranks(1) == [1, 4]
+    assert [(layout.replica_of(r), layout.stage_of(r)) for r in range(6)] == \
+        [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    assert all(layout.rank(layout.replica_of(r), layout.stage_of(r)) == r for r in range(6))
+
+
+def test_every_rank_is_in_exactly_one_pipeline_and_one_replica_group():
+    for world in (1, 2, 4, 6, 8, 12):
+        for k in divisors(world):
+            layout = Layout(world, k)
+            pipelines = [r for p in range(layout.replicas) for r in layout.pipeline_ranks(p)]
+            stages = [r for s in range(k) for r in layout.stage_ranks(s)]
+            assert sorted(pipelines) == sorted(stages) == list(range(world))
+
+
+def test_a_layout_that_does_not_divide_the_world_is_an_internal_error():
+    with pytest.raises(AssertionError):  # users meet config.validate's message first
+        Layout(6, 4)
+
+
+def test_sampler_orders_are_seeded_per_epoch_and_drop_the_tail():
+    sampler = BatchSampler(100, seed=3)
+    assert sampler.steps(32) == 3
+    a, b = sampler.epoch_order(0), sampler.epoch_order(1)
+    assert sorted(a.tolist()) == list(range(100)) and not torch.equal(a, b)
+    assert torch.equal(a, BatchSampler(100, seed=3).epoch_order(0))
+    assert not torch.equal(a, BatchSampler(100, seed=4).epoch_order(0))
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 4, 8])
+def test_replicas_together_read_exactly_the_global_batch_of_one_process(replicas):
+    order = BatchSampler(100, seed=0).epoch_order(0)
+    for step in range(3):
+        whole = replica_rows(order, step, 32, 0, 1)
+        parts = [replica_rows(order, step, 32, r, replicas) for r in range(replicas)]
+        assert all(len(p) == 32 // replicas for p in parts)
+        assert torch.equal(torch.cat(parts), whole)
+
+
+def test_batch_and_lr_policies():
+    start, later = Layout(4, 4), Layout(4, 1)
+    assert replica_batch(32, start, "constant", start) == 32
+    assert replica_batch(32, later, "constant", start) == 8     # the global batch is split
+    assert replica_batch(32, later, "per-replica", start) == 32  # each replica keeps its batch
+    assert lr_scale(later, "constant", start) == 1.0
+    assert lr_scale(later, "per-replica", start) == 4.0          # LR grows with the global batch
+    assert lr_scale(Layout(4, 2), "per-replica", Layout(4, 2)) == 1.0
