@@ -16,8 +16,9 @@ import time
 import torch
 
 from pipetransformer import Config, Trainer, load_model
-from pipetransformer.cli import apply_overrides
-from pipetransformer.data import count_labels, load_data
+from pipetransformer.config import apply_overrides
+from pipetransformer.data.dataset import load_data
+from pipetransformer.data.sources import describe_data
 
 
 def main() -> None:
@@ -33,7 +34,7 @@ def main() -> None:
     base = apply_overrides(Config(), {"model": args.model, "data": args.data, "train_samples": args.train_samples,
                                       "eval_samples": args.batch_size, "batch_size": args.batch_size,
                                       "max_length": args.max_length, "freeze": "off", "epochs": 3})
-    names = count_labels(base.data)
+    names = describe_data(base.data.data).label_names
     model = load_model(args.model, num_labels=len(names), label_names=names)
     data = load_data(base.data, model, args.max_length, seed=0)
     counts = [int(k) for k in args.frozen.split(",")] if args.frozen else list(range(model.num_blocks + 1))
