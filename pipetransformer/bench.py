@@ -54,12 +54,15 @@ class Preset:
     config: dict
 
 
-# Sized on this project's 2-core CPU machine (2 processes, one thread each); see RESULTS.md.
+# Sized on this project's 2-core CPU machine (2 processes, one thread each; about 20 s of each
+# run is starting processes and loading). small is a smoke test: few rows, and the alpha
+# schedule so that every row's layout is known (c and d end on 1 stage x 2 replicas).
 PRESETS = {
     "default": Preset(2, {"model": "minilm-l6", "data": "rotten-tomatoes", "train_samples": 1024, "eval_samples": 0,
                           "max_length": 48, "epochs": 4, "batch_size": 32, "nproc": 2}),
-    "small": Preset(1, {"model": "minilm-l6", "data": "rotten-tomatoes", "train_samples": 256, "eval_samples": 256,
-                        "max_length": 32, "epochs": 3, "batch_size": 32, "nproc": 2}),
+    "small": Preset(1, {"model": "minilm-l6", "data": "rotten-tomatoes", "train_samples": 128, "eval_samples": 128,
+                        "max_length": 32, "epochs": 3, "batch_size": 32, "nproc": 2, "freeze": "schedule",
+                        "alpha": 0.5}),
 }
 TARGET_MARGIN = 0.003  # time to accuracy: a2's mean final accuracy minus 0.3 points
 
@@ -236,10 +239,9 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "pipetransformer", *args]
 
 
-def _run(cmd: list[str], log: Path, env: dict | None = None) -> None:
+def _run(cmd: list[str], log: Path) -> None:
     with open(log, "w") as f:
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {}),
-                                                                          "PYTHONUNBUFFERED": "1"})
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if rc:
         tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
         raise RuntimeError(f"`{' '.join(cmd[1:])}` failed (exit {rc}); its output, {log}, ends:\n{tail}")
@@ -288,11 +290,10 @@ def run_bench(base: Config, rows: Sequence[str], seeds: int, out: Path, profile_
     profile_path = Path(profile_file) if profile_file else out / "profile.json"
     if not profile_path.exists():
         say(f"profiling {base.model.model} (batch {base.train.batch_size}, as {nproc} process(es) run it)")
-        threads = str(max(1, (os.cpu_count() or 1) // nproc))  # what the launcher gives each process
         _run(_cli("profile", "--model", base.model.model, "--data", base.data.data, "--max-length",
                   str(base.model.max_length), "--image-size", str(base.data.image_size), "--batch-size",
-                  str(base.train.batch_size), "--out", str(profile_path)), logs / "profile.log",
-             {"OMP_NUM_THREADS": threads} if nproc > 1 else None)
+                  str(base.train.batch_size), "--processes", str(nproc), "--out", str(profile_path)),
+             logs / "profile.log")
     profile = read_profile(profile_path)
     runs: dict[str, list[list[dict]]] = {name: [] for name in rows}
     totals: dict[str, list[float]] = {name: [] for name in rows}
@@ -304,7 +305,7 @@ def run_bench(base: Config, rows: Sequence[str], seeds: int, out: Path, profile_
             runs[name].append(records)
             totals[name].append(total)
     summary = summarize(runs, totals)
-    hardware = local_hardware(profile, nproc, os.cpu_count() or 1)
+    hardware = local_hardware(profile, nproc)
     from .planner import simulate  # loads torch (through transition): only now
 
     def planned(cfg: Config, traces: list[list[int]]) -> list[float]:

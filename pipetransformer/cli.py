@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     profile = _command(sub, "profile", "time every unit of a model on this machine (forward, backward, "
                        "optimizer step; activation and parameter bytes) and write a profile file for `plan`")
     profile.add_argument("--out", default="profile.json", help="the profile file to write (default: profile.json)")
+    profile.add_argument("--processes", type=int, default=1, help="time the units as one of N CPU processes "
+                         "of this machine: N - 1 copies of the model train alongside, every process with "
+                         "cores/N threads as the launcher gives them (default: 1)")
+    profile.add_argument("--busy", action="store_true", help=argparse.SUPPRESS)  # a co-running copy
     _add_config_flags(profile, _PROFILE_FIELDS)
 
     plan = _command(sub, "plan", "predict a run's frozen blocks, layouts, micro-batches, cache and epoch "
@@ -143,22 +147,15 @@ def _launch(cfg: Config) -> int:
         os.unlink(f.name)
 
 
-def _measure(cfg: Config):
-    """A profile of cfg's model on this machine (its first GPU, else the CPU)."""
-    from .data.sources import describe_data
-    from .distributed import device_for
-    from .models.loading import load_model
-    from .runtime import measure_profile
-    names = describe_data(cfg.data.data).label_names
-    model = load_model(cfg.model.model, len(names), cfg.train.seed, names)
-    batch = cfg.train.batch_size
-    side = cfg.model.max_length if model.modality == "text" else cfg.data.image_size
-    return measure_profile(model, cfg.model.model, sorted({max(1, batch // 4), batch}), side, device_for(0))
-
-
 def _profile(args) -> int:
     from .costs import format_profile, write_profile
-    profile = _measure(_config_from_args(args))
+    if args.processes < 1:
+        raise ConfigError(f"--processes={args.processes} is invalid: use 1 or more")
+    from .profiling import keep_busy, measure
+    cfg = _config_from_args(args)
+    if args.busy:
+        keep_busy(cfg)
+    profile = measure(cfg, args.processes)
     write_profile(profile, args.out)
     print(format_profile(profile))
     print(f"wrote {args.out}")
@@ -180,7 +177,11 @@ def _plan(args) -> int:
         raise ConfigError(f"--trace={args.trace!r} is invalid: give frozen blocks per epoch, e.g. 0,2,4,5") from None
     d = cfg.data
     samples = d.train_samples or split_sizes(describe_data(d.data).labels, d.val_fraction, 0, 0)[0]
-    profile = read_profile(args.profile) if args.profile else _measure(cfg)
+    if args.profile:
+        profile = read_profile(args.profile)
+    else:
+        from .profiling import measure
+        profile = measure(cfg)
     cfg.validate(hardware.devices, RunFacts(profile.modality, profile.modality, len(profile.units), samples))
     from .planner import format_prediction, predict
     prediction = predict(profile, hardware, cfg, samples, trace, args.choose_micro_batches)

@@ -97,16 +97,17 @@ def _h(default, help: str):
 class Hardware:
     """The devices a run would use, relative to the profiled one. Each field is a flag of
     `pipetransformer plan`. The defaults describe CPU processes on one machine talking over
-    gloo (measured on this project's 2-core machine: about 1 GB/s, 0.2 ms a message)."""
+    gloo (measured on this project's 2-core machine: an all-reduce of 90 MB over 2 processes
+in 0.13 s, 0.7 GB/s by the ring formula; 0.2 ms a small message)."""
     devices: int = _h(2, "number of devices (processes) the run uses")
     per_node: int = _h(0, "devices per machine; a pipeline is a run of consecutive ranks (0: one machine)")
     speed: float = _h(1.0, "compute speed of one device relative to the profiled one")
     memory_gb: float = _h(0.0, "memory per device in GB, checked against each epoch's peak (0: not checked)")
-    intra_gb_s: float = _h(1.0, "bandwidth between devices of one machine, GB/s")
-    inter_gb_s: float = _h(1.0, "bandwidth between machines, GB/s")
+    intra_gb_s: float = _h(0.7, "bandwidth between devices of one machine, GB/s")
+    inter_gb_s: float = _h(0.7, "bandwidth between machines, GB/s")
     latency_us: float = _h(200.0, "latency of one message, microseconds")
     host_memory_gb: float = _h(16.0, "available host memory per machine in GB (the cache's host tier)")
-    host_gb_s: float = _h(5.0, "reading cached rows from host memory, GB/s")
+    host_gb_s: float = _h(5.0, "host memory bandwidth of one process (cached rows, gradient copies), GB/s")
     disk_gb_s: float = _h(0.5, "reading cached rows spilled to disk, GB/s")
     gpu: bool = _h(False, "the devices are GPUs: bf16 activations and cache, a cache tier in GPU memory")
     rebuild_seconds: float = _h(0.05, "seconds a transition spends rebuilding stages and schedules")
@@ -133,21 +134,22 @@ class Hardware:
         return self.latency_us * 1e-6 + nbytes / ((self.inter_gb_s if across else self.intra_gb_s) * GB)
 
     def all_reduce(self, nbytes: float, members: int, across: bool) -> float:
-        """Ring all-reduce of nbytes over `members` devices."""
+        """Averaging nbytes of gradients over `members` devices as autodp does: one flat copy,
+        a ring all-reduce, one division (the two passes at host memory speed on CPU)."""
         if members < 2 or nbytes <= 0:
             return 0.0
         bw = (self.inter_gb_s if across else self.intra_gb_s) * GB
-        return 2 * (members - 1) * (self.latency_us * 1e-6 + nbytes / members / bw)
+        passes = 0.0 if self.gpu else 4 * nbytes / (self.host_gb_s * GB)  # read and write, twice
+        return passes + 2 * (members - 1) * (self.latency_us * 1e-6 + nbytes / members / bw)
 
 
-def local_hardware(profile: Profile, processes: int, cpus: int) -> Hardware:
-    """The machine a profile was measured on, running `processes` processes: CPU processes
-    share `cpus` cores (the launcher gives each cpus // processes threads, the profile was
-    taken with as many), GPUs one each."""
+def local_hardware(profile: Profile, processes: int) -> Hardware:
+    """The machine a profile was measured on, running `processes` processes: GPUs one each;
+    CPU processes at the profile's own speed, which `profile --processes N` measures with N
+    copies running at once (so sharing the cores is already in it)."""
     if profile.device == "cuda":
-        return Hardware(processes, speed=1.0, memory_gb=profile.memory_gb, intra_gb_s=20.0, latency_us=20.0,
-                        gpu=True)
-    return Hardware(processes, speed=min(1.0, cpus / processes))
+        return Hardware(processes, memory_gb=profile.memory_gb, intra_gb_s=20.0, latency_us=20.0, gpu=True)
+    return Hardware(processes)
 
 
 def format_profile(profile: Profile) -> str:

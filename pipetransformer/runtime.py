@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # transition.apply builds runtimes: the import runs the other
     from .transition import TransitionPlan
 
 __all__ = ["Runtime", "RuntimeEnv", "UnitSequence", "build_runtime", "clip_grad_norm", "profile_units",
-           "unit_costs", "UnitTiming", "time_units", "measure_profile"]
+           "unit_costs", "UnitTiming", "time_units", "measure_profile", "synthetic_inputs"]
 
 
 class UnitSequence(nn.Module):
@@ -173,8 +173,8 @@ class UnitTiming:
     saved_bytes: int        # tensors autograd keeps for the backward pass, whole batch
 
 
-def time_units(model: StagedModel, inputs: tuple, device) -> dict[str, UnitTiming]:
-    """Per unit, best-of-3 seconds of forward + backward and of forward alone on `inputs`,
+def time_units(model: StagedModel, inputs: tuple, device, repeat: int = 3) -> dict[str, UnitTiming]:
+    """Per unit, best-of-`repeat` seconds of forward + backward and of forward alone on `inputs`,
     unit after unit on `device`, as training runs them (bf16 autocast on CUDA), and the bytes
     of its output and of what it saves for backward. The RNG state is restored and gradients
     cleared, so profiling changes no result."""
@@ -193,8 +193,8 @@ def time_units(model: StagedModel, inputs: tuple, device) -> dict[str, UnitTimin
                 if backward:
                     y.float().sum().backward()
                 return y
-            train = best_seconds(lambda: run(True), device, grad=True)
-            forward = best_seconds(lambda: run(False), device)
+            train = best_seconds(lambda: run(True), device, repeat, grad=True)
+            forward = best_seconds(lambda: run(False), device, repeat)
             saved = _saved_bytes(lambda: run(False), {p.untyped_storage().data_ptr()
                                                       for p in unit.module.parameters()})
             for p in unit.module.parameters():
@@ -234,7 +234,7 @@ def measure_profile(model: StagedModel, name: str, batch_sizes: Sequence[int], s
     mode = model.hf_model.training
     model.hf_model.train()
     try:
-        timings = [time_units(model, _synthetic_inputs(model, n, seq_len), device) for n in batch_sizes]
+        timings = [time_units(model, synthetic_inputs(model, n, seq_len), device, repeat=5) for n in batch_sizes]
     finally:
         model.hf_model.train(mode)
     rows = batch_sizes[-1]
@@ -255,7 +255,7 @@ def measure_profile(model: StagedModel, name: str, batch_sizes: Sequence[int], s
                    memory / 1e9, torch.__version__)
 
 
-def _synthetic_inputs(model: StagedModel, rows: int, seq_len: int) -> tuple:
+def synthetic_inputs(model: StagedModel, rows: int, seq_len: int) -> tuple:
     """Model inputs of the right kind and shape: random tokens, every position attended (text
     is padded to the full length in training), or random pixels."""
     g = torch.Generator().manual_seed(0)

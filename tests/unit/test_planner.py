@@ -124,8 +124,9 @@ def test_speedups_compare_with_a1_and_a2_on_the_same_devices():
 
 def test_machines_slow_the_all_reduce_and_memory_is_checked():
     cfg = _config(freeze="off", stages=1, batch_size=64, train_samples=640)
-    one = simulate(_profile(), Hardware(4, latency_us=0, intra_gb_s=10, inter_gb_s=10), cfg, 640)[0]
-    two = simulate(_profile(), Hardware(4, per_node=2, latency_us=0, intra_gb_s=10, inter_gb_s=1), cfg, 640)[0]
+    one = simulate(_profile(), Hardware(4, latency_us=0, intra_gb_s=10, inter_gb_s=10, gpu=True), cfg, 640)[0]
+    two = simulate(_profile(), Hardware(4, per_node=2, latency_us=0, intra_gb_s=10, inter_gb_s=1, gpu=True),
+                   cfg, 640)[0]
     assert two.allreduce_seconds == pytest.approx(10 * one.allreduce_seconds)
     assert one.fits and not simulate(_profile(), Hardware(4, memory_gb=1e-6), cfg, 640)[0].fits
 
