@@ -109,6 +109,8 @@ in 0.13 s, 0.7 GB/s by the ring formula; 0.2 ms a small message)."""
     host_memory_gb: float = _h(16.0, "available host memory per machine in GB (the cache's host tier)")
     host_gb_s: float = _h(5.0, "host memory bandwidth of one process (cached rows, gradient copies), GB/s")
     disk_gb_s: float = _h(0.5, "reading cached rows spilled to disk, GB/s")
+    call_overhead_us: float = _h(0.0, "host time per unit call, forward or backward, that no speed-up "
+                                 "shortens (kernel launches on a GPU); a CPU profile already holds its own")
     gpu: bool = _h(False, "the devices are GPUs: bf16 activations and cache, a cache tier in GPU memory")
     rebuild_seconds: float = _h(0.05, "seconds a transition spends rebuilding stages and schedules")
 

@@ -21,9 +21,10 @@ of b/M rows, is priced as
 
 and an epoch is samples // global batch such steps (evaluation is not included: the trainer's
 `epoch_seconds` leaves it out too). Unit times are linear in the rows (a fixed part per call
-and a part per row, fitted through the profiled batch sizes) and divided by the devices'
-speed relative to the profiled one. The simulation is arithmetic on numbers and calls no torch
-(importing `transition` loads it; `costs` holds the data without it).
+and a part per row, fitted through the profiled batch sizes), divided by the devices' speed
+relative to the profiled one, plus the target's own cost per call (kernel launches on a GPU).
+The simulation is arithmetic on numbers and calls no torch (importing `transition` loads
+it; `costs` holds the data without it).
 """
 from __future__ import annotations
 
@@ -123,12 +124,13 @@ class _Pricer:
         # activations as the target stores them: bf16 on a GPU (autocast, cache), else as profiled
         self.act_scale = 0.5 if hardware.gpu and profile.dtype == "float32" else 1.0
         self.sizes = profile.batch_sizes
+        self.call = hardware.call_overhead_us * 1e-6
 
     def fwd(self, units: Sequence[UnitProfile], rows: float) -> float:
-        return sum(_linear(self.sizes, u.forward_seconds, rows) for u in units) / self.d.speed
+        return sum(_linear(self.sizes, u.forward_seconds, rows) / self.d.speed + self.call for u in units)
 
     def bwd(self, units: Sequence[UnitProfile], rows: float) -> float:
-        return sum(_linear(self.sizes, u.backward_seconds, rows) for u in units) / self.d.speed
+        return sum(_linear(self.sizes, u.backward_seconds, rows) / self.d.speed + self.call for u in units)
 
     def split(self, tp: TransitionPlan) -> tuple[list[UnitProfile], list[list[UnitProfile]]]:
         frozen = [u for u in self.p.units if u.freeze_index < tp.frozen]
