@@ -27,8 +27,8 @@ from .config import Config, apply_overrides
 from .errors import ConfigError
 
 __all__ = ["Variant", "VARIANTS", "DEFAULT_ROWS", "Preset", "PRESETS", "TARGET_MARGIN", "elapsed", "train_seconds",
-           "mean_curve", "time_to_target", "summarize", "format_table", "markdown_table", "format_predictions",
-           "plot_bench", "run_bench"]
+           "mean_curve", "time_to_target", "summarize", "format_table", "markdown_table", "check_targets",
+           "format_predictions", "plot_bench", "run_bench"]
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ def _fmt(x: float | None, spec: str, none: str = "-") -> str:
     return none if x is None else format(x, spec)
 
 
-_COLUMNS = ("config", "final acc %", "best acc %", "train s", "total s", "to target s", "trans %",
+_COLUMNS = ("config", "final acc %", "best acc %", "train s", "total s", "to target s", "transitions s (%)",
             "vs a1 time", "vs a1 to target", "vs a2 time", "vs a2 to target", "frozen per epoch", "layout per epoch")
 
 
@@ -149,7 +149,7 @@ def _cells(name: str, row: dict) -> list[str]:
     return [name, f"{100 * row['final_accuracy']:.2f} ± {100 * row['final_accuracy_std']:.2f}",
             f"{100 * row['best_accuracy']:.2f} ± {100 * row['best_accuracy_std']:.2f}",
             f"{row['train_seconds']:.1f}", f"{row['total_seconds']:.1f}", _fmt(row["time_to_target"], ".1f", "never"),
-            f"{100 * row['transition_share']:.1f}",
+            f"{row['transition_seconds']:.1f} ({100 * row['transition_share']:.1f})",
             *(_fmt(row.get(key), ".2f") + ("x" if row.get(key) else "")
               for key in ("speedup_over_a1", "tta_speedup_over_a1", "speedup_over_a2", "tta_speedup_over_a2")),
             _distinct([",".join(map(str, t)) for t in row["frozen_layers"]]),
@@ -171,6 +171,32 @@ def format_table(summary: dict) -> str:
         lines.append(f"target: {100 * target:.2f} % (a2's mean final accuracy minus "
                      f"{100 * TARGET_MARGIN:.1f} points); times are training time (epochs + transitions)")
     return "\n".join(lines)
+
+
+TARGETS = {"tta_speedup": 2.5, "accuracy_gap": TARGET_MARGIN, "transition_share": 0.02}  # issue 10
+
+
+def check_targets(summary: dict, row: str = "d") -> list[str]:
+    """The issue's targets for `row`: time to accuracy over a1, final accuracy against a2,
+    transitions' share of training time; each line says met or by how much it is missed."""
+    rows = summary["rows"]
+    if row not in rows or "a1" not in rows or "a2" not in rows:
+        return [f"targets: need rows a1, a2 and {row}"]
+    r, lines = rows[row], []
+    tta = r.get("tta_speedup_over_a1")
+    lines.append(f"{row} over a1 in time to accuracy: " + ("never reaches the target" if tta is None else
+                 f"{tta:.2f}x" + (" (target 2.5x: met)" if tta >= TARGETS["tta_speedup"] else
+                                  f" (target 2.5x: missed by {TARGETS['tta_speedup'] - tta:.2f}x)")))
+    gap = rows["a2"]["final_accuracy"] - r["final_accuracy"]
+    lines.append(f"{row}'s mean final accuracy {100 * gap:+.2f} points below a2's" +
+                 (" (target within 0.3: met)" if gap <= TARGETS["accuracy_gap"] + 1e-12 else
+                  f" (target within 0.3: missed by {100 * (gap - TARGETS['accuracy_gap']):.2f} points)"))
+    share = max(x["transition_share"] for x in rows.values())
+    worst = max(rows, key=lambda n: rows[n]["transition_share"])
+    lines.append(f"transitions: at most {100 * share:.1f} % of training time ({worst})" +
+                 (" (target 2 %: met)" if share <= TARGETS["transition_share"] else
+                  f" (target 2 %: missed by {100 * (share - TARGETS['transition_share']):.1f} points)"))
+    return lines
 
 
 def markdown_table(summary: dict) -> str:
@@ -321,13 +347,15 @@ def run_bench(base: Config, rows: Sequence[str], seeds: int, out: Path, profile_
     curves = {name: mean_curve(rs) for name, rs in runs.items()}
     result = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": _machine(),
               "profile": str(profile_path), "config": base.to_dict(), "seeds": seeds,
-              "variants": {n: VARIANTS[n].description for n in rows}, **summary,
+              "variants": {n: VARIANTS[n].description for n in rows}, **summary, "targets": check_targets(summary),
               "runs": {n: [{"records": r, "total_seconds": t} for r, t in zip(runs[n], totals[n])] for n in rows}}
+    targets = "".join(f"- {line}\n" for line in result["targets"])
     (out / "bench.md").write_text(f"`{command}` ({result['date']}, {result['machine']['processor']}, "
-                                  f"{result['machine']['cpus']} CPUs)\n\n{markdown_table(summary)}\n")
+                                  f"{result['machine']['cpus']} CPUs)\n\n{markdown_table(summary)}\n\n{targets}")
     plot_bench(summary, curves, predicted, out / "bench.png")
     (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
     say(format_table(summary))
+    say("\n".join(result["targets"]))
     say(format_predictions(summary, predicted))
     say(f"wrote {out}/bench.json, bench.md and bench.png")
     return summary

@@ -5,6 +5,7 @@ import pytest
 
 from pipetransformer.bench import (
     TARGET_MARGIN,
+    check_targets,
     elapsed,
     format_predictions,
     format_table,
@@ -59,6 +60,10 @@ def test_summary_has_accuracy_over_seeds_speedups_and_the_target():
     assert d["speedup_over_a1"] == pytest.approx(90 / 40.6) and d["speedup_over_a2"] == pytest.approx(60 / 40.6)
     assert d["tta_speedup_over_a1"] == pytest.approx(90 / 38.5)
     assert d["frozen_layers"] == [[0, 2, 4], [0, 3, 4]]
+    speed, accuracy, transitions = check_targets(summary)
+    assert speed == "d over a1 in time to accuracy: 2.34x (target 2.5x: missed by 0.16x)"
+    assert accuracy == "d's mean final accuracy +0.50 points below a2's (target within 0.3: missed by 0.20 points)"
+    assert transitions.startswith("transitions: at most 1.5 % of training time (d) (target 2 %: met)")
 
 
 def test_never_reaching_the_target_is_said_and_speedups_stay_empty():
