@@ -274,11 +274,14 @@ def _run(cmd: list[str], log: Path) -> None:
         raise RuntimeError(f"`{' '.join(cmd[1:])}` failed (exit {rc}); its output, {log}, ends:\n{tail}")
 
 
-def _train(cfg: Config, run_dir: Path, logs: Path, say: Callable[[str], None]) -> tuple[list[dict], float]:
+def _train(cfg: Config, run_dir: Path, logs: Path, say: Callable[[str], None]) -> tuple[list[dict], float, list]:
     """One configuration and seed: a `pipetransformer train` process, or the finished run
-    folder of an interrupted bench (only if it ran this very configuration)."""
+    folder of an interrupted bench (only if it ran this very configuration). Returns its
+    records, total seconds and the machine's load average before and after (other programs
+    on the machine slow a run down: the load says when)."""
     wanted = {**cfg.to_dict(), "run_dir": str(run_dir)}
     done = run_dir / "summary.json"
+    load = []
     if done.exists():
         if yaml.safe_load((run_dir / "config.yaml").read_text()) != wanted:
             raise ConfigError(f"--out: {run_dir} holds a run of other settings; pass a new --out")
@@ -289,11 +292,12 @@ def _train(cfg: Config, run_dir: Path, logs: Path, say: Callable[[str], None]) -
             shutil.rmtree(run_dir)
         config_file = logs / f"{run_dir.name}.yaml"
         config_file.write_text(yaml.safe_dump(wanted, sort_keys=False))
-        began = time.perf_counter()
+        began, load = time.perf_counter(), [os.getloadavg()[0]]
         _run(_cli("train", "--config", str(config_file)), logs / f"{run_dir.name}.log")
-        say(f"{run_dir.name}: {time.perf_counter() - began:.0f} s")
+        load.append(os.getloadavg()[0])
+        say(f"{run_dir.name}: {time.perf_counter() - began:.0f} s (load average {load[0]:.1f} -> {load[1]:.1f})")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return records, json.loads(done.read_text())["total_seconds"]
+    return records, json.loads(done.read_text())["total_seconds"], load
 
 
 def run_bench(base: Config, rows: Sequence[str], seeds: int, out: Path, profile_file: str | None,
@@ -316,7 +320,8 @@ def run_bench(base: Config, rows: Sequence[str], seeds: int, out: Path, profile_
     logs.mkdir(parents=True, exist_ok=True)
     profile_path = Path(profile_file) if profile_file else out / "profile.json"
     if not profile_path.exists():
-        say(f"profiling {base.model.model} (batch {base.train.batch_size}, as {nproc} process(es) run it)")
+        say(f"profiling {base.model.model} (batch {base.train.batch_size}, as {nproc} process(es) run it; load "
+            f"average {os.getloadavg()[0]:.1f})")
         _run(_cli("profile", "--model", base.model.model, "--data", base.data.data, "--max-length",
                   str(base.model.max_length), "--image-size", str(base.data.image_size), "--batch-size",
                   str(base.train.batch_size), "--processes", str(nproc), "--out", str(profile_path)),
@@ -324,13 +329,15 @@ def run_bench(base: Config, rows: Sequence[str], seeds: int, out: Path, profile_
     profile = read_profile(profile_path)
     runs: dict[str, list[list[dict]]] = {name: [] for name in rows}
     totals: dict[str, list[float]] = {name: [] for name in rows}
+    loads: dict[str, list[list]] = {name: [] for name in rows}
     for i in range(seeds):
         seed = base.train.seed + i
         for name in rows:
             cfg = apply_overrides(configs[name], {"seed": seed})
-            records, total = _train(cfg, out / "runs" / f"{name}-seed{seed}", logs, say)
+            records, total, load = _train(cfg, out / "runs" / f"{name}-seed{seed}", logs, say)
             runs[name].append(records)
             totals[name].append(total)
+            loads[name].append(load)
     summary = summarize(runs, totals)
     hardware = local_hardware(profile, nproc)
     from .planner import simulate  # loads torch (through transition): only now
@@ -348,7 +355,8 @@ def run_bench(base: Config, rows: Sequence[str], seeds: int, out: Path, profile_
     result = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": _machine(),
               "profile": str(profile_path), "config": base.to_dict(), "seeds": seeds,
               "variants": {n: VARIANTS[n].description for n in rows}, **summary, "targets": check_targets(summary),
-              "runs": {n: [{"records": r, "total_seconds": t} for r, t in zip(runs[n], totals[n])] for n in rows}}
+              "runs": {n: [{"records": r, "total_seconds": t, "load_average": a}
+                           for r, t, a in zip(runs[n], totals[n], loads[n])] for n in rows}}
     targets = "".join(f"- {line}\n" for line in result["targets"])
     (out / "bench.md").write_text(f"`{command}` ({result['date']}, {result['machine']['processor']}, "
                                   f"{result['machine']['cpus']} CPUs)\n\n{markdown_table(summary)}\n\n{targets}")
