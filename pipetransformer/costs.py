@@ -49,6 +49,7 @@ class Profile:
     date: str = ""
     memory_gb: float = 0.0  # the profiled GPU's memory (0 on CPU)
     torch: str = ""
+    load_average: float = 0.0  # the machine's, before profiling: other programs slow the times down
 
     @property
     def num_blocks(self) -> int:
@@ -159,7 +160,8 @@ def format_profile(profile: Profile) -> str:
     rows = profile.batch_sizes[-1]
     lines = [f"{profile.model} on {profile.device_name} ({profile.device}, {profile.threads} thread(s), "
              f"{profile.dtype}), {profile.seq_len} {'tokens' if profile.modality == 'text' else 'pixels a side'}, "
-             f"batches {', '.join(map(str, profile.batch_sizes))}; milliseconds at batch {rows}:",
+             f"batches {', '.join(map(str, profile.batch_sizes))}, load average {profile.load_average:.1f} "
+             f"before; milliseconds at batch {rows}:",
              f"{'unit':<14} {'forward':>8} {'backward':>9} {'update':>7} {'params MB':>10} {'out KB/row':>11} "
              f"{'saved KB/row':>13}"]
     for u in profile.units:

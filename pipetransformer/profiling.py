@@ -7,6 +7,7 @@ bandwidth, caches). The copies are started first and stopped once the timing is 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -37,7 +38,9 @@ def _load(cfg: Config) -> tuple[StagedModel, list[int], int]:
 
 
 def measure(cfg: Config, processes: int = 1) -> Profile:
-    """A profile of cfg's model on this machine (its first GPU, else the CPU)."""
+    """A profile of cfg's model on this machine (its first GPU, else the CPU), with the
+    machine's load average before it started."""
+    load = os.getloadavg()[0]
     peers: list[subprocess.Popen] = []
     config_file = None
     if processes > 1 and not torch.cuda.is_available():
@@ -55,7 +58,8 @@ def measure(cfg: Config, processes: int = 1) -> Profile:
         for peer in peers:  # time only once every copy trains
             if peer.stdout is None or peer.stdout.readline().strip() != "ready":
                 raise RuntimeError("a co-running profile process failed to start")
-        return measure_profile(model, cfg.model.model, sizes, side, device_for(0))
+        return dataclasses.replace(measure_profile(model, cfg.model.model, sizes, side, device_for(0)),
+                                   load_average=load)
     finally:
         for peer in peers:
             peer.terminate()

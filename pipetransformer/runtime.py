@@ -193,8 +193,10 @@ def time_units(model: StagedModel, inputs: tuple, device, repeat: int = 3) -> di
                 if backward:
                     y.float().sum().backward()
                 return y
-            train = best_seconds(lambda: run(True), device, repeat, grad=True)
-            forward = best_seconds(lambda: run(False), device, repeat)
+            train = forward = float("inf")
+            for _ in range(repeat):  # interleaved, so both see the same spells of a busy machine
+                train = min(train, best_seconds(lambda: run(True), device, 1, grad=True))
+                forward = min(forward, best_seconds(lambda: run(False), device, 1))
             saved = _saved_bytes(lambda: run(False), {p.untyped_storage().data_ptr()
                                                       for p in unit.module.parameters()})
             for p in unit.module.parameters():
