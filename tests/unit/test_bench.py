@@ -62,7 +62,8 @@ def test_summary_has_accuracy_over_seeds_speedups_and_the_target():
     assert d["frozen_layers"] == [[0, 2, 4], [0, 3, 4]]
     speed, accuracy, transitions = check_targets(summary)
     assert speed == "d over a1 in time to accuracy: 2.34x (target 2.5x: missed by 0.16x)"
-    assert accuracy == "d's mean final accuracy +0.50 points below a2's (target within 0.3: missed by 0.20 points)"
+    assert accuracy == ("d's mean final accuracy against a2's: -0.50 points "
+                        "(target: at most 0.3 below: missed by 0.20 points)")
     assert transitions.startswith("transitions: at most 1.5 % of training time (d) (target 2 %: met)")
 
 
