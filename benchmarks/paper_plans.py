@@ -76,13 +76,17 @@ def profile(name: str, side: int, out: Path) -> Profile:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results", help="folder for the profiles (reused if present)")
+    ap.add_argument("--speed", type=float, default=0.0, help="GPU speed relative to this CPU (default: "
+                    "GPU_TFLOPS over the CPU's fp32 GEMM rate, measured now)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    flops = cpu_gemm_flops()
-    speed = GPU_TFLOPS * 1e12 / flops
+    speed = args.speed
+    if not speed:
+        flops = cpu_gemm_flops()
+        speed = GPU_TFLOPS * 1e12 / flops
+        print(f"CPU fp32 GEMM {flops / 1e9:.0f} GFLOP/s ({torch.get_num_threads()} threads) -> GPU speed {speed:.0f}x")
     hardware = Hardware(speed=speed, **HARDWARE)
-    print(f"CPU fp32 GEMM {flops / 1e9:.0f} GFLOP/s ({torch.get_num_threads()} threads) -> GPU speed {speed:.0f}x")
     print("| task | alpha | epochs | batch | frozen per epoch | layout per epoch | cache | planned vs a1 (8x2 "
           "GPipe + DP) | planned vs a2 (16 replicas) | paper |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -243,6 +243,8 @@ def plot_bench(summary: dict, curves: dict[str, tuple[list[float], list[float]]]
     axes[2].set(title="epoch time: measured (o) and planned (x)", xlabel="epoch", ylabel="s")
     for ax in axes:
         ax.grid(alpha=0.3)
+    for ax in axes[1:]:
+        ax.set_xticks(range(1, len(next(iter(rows.values()))["epoch_seconds"]) + 1))
     axes[0].legend(fontsize=8)
     axes[1].legend(fontsize=8)
     fig.tight_layout()
