@@ -207,6 +207,7 @@ class _Pricer:
 
     def read_gb_s(self, tiers: list[tuple[str, int, int]]) -> float:
         """Bandwidth of reading every row once, the slowest tier weighing most."""
+        # device memory: taken as 100x host memory, no read from it is ever the slow part
         rate = {"device": 100 * self.d.host_gb_s, "host": self.d.host_gb_s, "disk": self.d.disk_gb_s}
         seconds = sum((stop - start) / rate[tier] for tier, start, stop in tiers)
         return self.samples / seconds
@@ -242,9 +243,10 @@ def simulate(profile: Profile, hardware: Hardware, cfg: Config, samples: int, tr
     pc, t, fc = cfg.parallel, cfg.train, cfg.freeze
     trace = list(trace) if trace is not None else assumed_trace(profile.num_blocks, t.epochs, fc.freeze,
                                                                 fc.alpha, fc.freeze_rule)
-    if len(trace) != t.epochs or any(b < a for a, b in zip(trace, trace[1:])):
+    if len(trace) != t.epochs or any(b < a for a, b in zip(trace, trace[1:])) or \
+            not 0 <= trace[0] <= trace[-1] <= profile.num_blocks:
         raise ConfigError(f"--trace={','.join(map(str, trace))!r} is invalid: give {t.epochs} frozen "
-                          f"counts (one per epoch) that never decrease")
+                          f"counts (one per epoch, 0 to {profile.num_blocks}) that never decrease")
     pricer = _Pricer(profile, hardware, cfg, samples)
     inputs = PlanInputs(profile.unit_costs(pc.balance == "time"), hardware.devices, pc.stages or hardware.devices,
                         pc.elastic, t.batch_size, pc.batch_policy, pc.micro_batches)

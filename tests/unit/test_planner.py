@@ -134,6 +134,8 @@ def test_machines_slow_the_all_reduce_and_memory_is_checked():
 def test_bad_trace_and_hardware_are_named():
     with pytest.raises(ConfigError, match="--trace"):
         simulate(_profile(), Hardware(1), _config(), 320, trace=[0, 2, 1, 3])
+    with pytest.raises(ConfigError, match="0 to 4"):
+        simulate(_profile(), Hardware(1), _config(), 320, trace=[0, 2, 3, 5])
     with pytest.raises(ConfigError, match="--per-node"):
         Hardware(16, per_node=6)
     with pytest.raises(ConfigError, match="--speed"):
