@@ -1,103 +1,41 @@
-"""`pipetransformer train | profile | plan | bench`: every config field is a flag; --config
-reads YAML first.
+"""`pipetransformer train`: every config field is a flag; --config reads YAML first.
 
-train: the launcher checks everything it can before any worker starts (config.validate),
-then runs one process itself or re-runs under torchrun with --nproc local processes.
-profile: times every unit of a model here and writes a profile file. plan: predicts a run's
-layouts, epoch times and speedups on N devices from a profile. bench: runs the paper's
-ablation (a1, a2, b, c, d) as real train processes over seeds. Nothing imports this module,
-and it imports no torch before a command needs it.
+The launcher checks everything it can before any worker starts (config.validate), then runs
+one process itself or re-runs under torchrun with --nproc local processes. Nothing imports
+this module.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import subprocess
 import sys
 import time
 
-from .bench import DEFAULT_ROWS, VARIANTS
 from .config import Config, ConfigError, apply_overrides, config_fields, parse_on_off, read_yaml
 
 __all__ = ["main", "build_parser"]
 
 
-_PROFILE_FIELDS = ("model", "data", "max_length", "image_size", "batch_size")
-_PLAN_FIELDS = (*_PROFILE_FIELDS, "train_samples", "val_fraction", "epochs", "freeze", "alpha", "freeze_rule",
-                "stages", "elastic", "schedule", "micro_batches", "balance", "batch_policy", "cache",
-                "cache_host_fraction", "cache_host_bytes", "cache_device_fraction")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipetransformer", allow_abbrev=False,
-                                     description="Fine-tune Transformers faster: AutoFreeze + elastic pipelines.")
+                                     description="Fine-tune Transformers faster: AutoFreeze + elastic pipelines.",
+                                     epilog="also: profile, plan, bench (pipetransformer <command> --help)")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = _command(sub, "train", "fine-tune a model")
+    train = sub.add_parser("train", help="fine-tune a model", allow_abbrev=False)
+    train.add_argument("--config", help="YAML file with sections model, data, train, freeze, "
+                       "parallel, cache; flags given here override it")
     train.add_argument("--run-dir", help="output folder: metrics.jsonl, metrics.png, final/ "
                        "(default: runs/run-<date>-<time>); an existing run is never overwritten")
-    _add_config_flags(train)
-
-    profile = _command(sub, "profile", "time every unit of a model on this machine (forward, backward, "
-                       "optimizer step; activation and parameter bytes) and write a profile file for `plan`")
-    profile.add_argument("--out", default="profile.json", help="the profile file to write (default: profile.json)")
-    profile.add_argument("--processes", type=int, default=1, help="time the units as one of N CPU processes "
-                         "of this machine: N - 1 copies of the model train alongside, every process with "
-                         "cores/N threads as the launcher gives them (default: 1)")
-    profile.add_argument("--busy", action="store_true", help=argparse.SUPPRESS)  # a co-running copy
-    _add_config_flags(profile, _PROFILE_FIELDS)
-
-    plan = _command(sub, "plan", "predict a run's frozen blocks, layouts, micro-batches, cache and epoch "
-                    "times on N devices, and its speedups over a1 and a2")
-    plan.add_argument("--profile", help="a profile file from `pipetransformer profile` (default: profile "
-                      "--model here first)")
-    plan.add_argument("--trace", help="frozen blocks per epoch, e.g. 0,2,4,5 (default: the freeze rule, "
-                      "assuming its gradient term never binds below the alpha cap)")
-    plan.add_argument("--choose-micro-batches", type=_on_off, default=True, metavar="{on,off}",
-                      help="pick each layout's micro-batch count by the cost model (off: the trainer's "
-                      "rule, --micro-batches or 2 x stages) (default: on)")
-    plan.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    from .costs import Hardware
-    for f in dataclasses.fields(Hardware):
-        _add_flag(plan, f, f"[hardware] {f.metadata['help']} (default: {f.default})")
-    _add_config_flags(plan, _PLAN_FIELDS)
-
-    bench = _command(sub, "bench", "run a1 (fixed pipeline), a2 (data parallel), b (freeze), c (+ AutoPipe "
-                     "+ AutoDP), d (+ AutoCache) as real train runs over seeds; table, JSON, markdown, plot")
-    bench.add_argument("--small", action="store_true", help="the 3-minute preset (default preset: about "
-                       "30 minutes on 2 CPU cores); both set model, data, sample counts, max length, epochs, "
-                       "batch and processes, which flags given here override")
-    bench.add_argument("--seeds", type=int, help="seeds per configuration: --seed, --seed + 1, ... "
-                       "(default: 2, or 1 with --small)")
-    bench.add_argument("--out", help="output folder (default: runs/bench-<date>-<time>); a finished bench "
-                       "is never overwritten, an interrupted one continues")
-    bench.add_argument("--configs", default=",".join(DEFAULT_ROWS),
-                       help=f"rows to run, of {', '.join(VARIANTS)} (default: {','.join(DEFAULT_ROWS)})")
-    bench.add_argument("--profile", help="a profile file for the planned epoch times (default: profile here)")
-    _add_config_flags(bench)
-    return parser
-
-
-def _command(sub, name: str, help_text: str) -> argparse.ArgumentParser:
-    command = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
-    command.add_argument("--config", help="YAML file with sections model, data, train, freeze, parallel, "
-                         "cache; flags given here override it")
-    return command
-
-
-def _add_config_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
     for section, f in config_fields():
-        if names is None or f.name in names:
-            _add_flag(parser, f, f"[{section}] {f.metadata['help']} (default: {f.default})")
-
-
-def _add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, help_text: str) -> None:
-    flag = "--" + f.name.replace("_", "-")
-    if f.type == "bool":
-        parser.add_argument(flag, type=_on_off, metavar="{on,off}", help=help_text)
-    else:
-        parser.add_argument(flag, type={"int": int, "float": float, "str": str}[str(f.type)],
-                            choices=f.metadata.get("choices"), help=help_text)
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"[{section}] {f.metadata['help']} (default: {f.default})"
+        if f.type == "bool":
+            train.add_argument(flag, type=_on_off, metavar="{on,off}", help=help_text)
+        else:
+            train.add_argument(flag, type={"int": int, "float": float, "str": str}[str(f.type)],
+                               choices=f.metadata.get("choices"), help=help_text)
+    return parser
 
 
 def _on_off(value: str) -> bool:
@@ -107,19 +45,13 @@ def _on_off(value: str) -> bool:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _config_from_args(args, preset: dict | None = None) -> Config:
-    """Config defaults, then a preset's fields, then the --config file, then the flags."""
+def _config_from_args(args) -> Config:
     raw = read_yaml(args.config) if args.config else {}
-    merged = apply_overrides(Config(), preset or {}).to_dict()
-    for key, values in raw.items():
-        if values is not None:
-            merged[key] = {**merged[key], **values} if isinstance(merged.get(key), dict) and \
-                isinstance(values, dict) else values
-    cfg = Config.from_dict(merged, source=args.config or "config")
-    values = {f.name: getattr(args, f.name, None) for _, f in config_fields()}
-    values["run_dir"] = getattr(args, "run_dir", None)
+    cfg = Config.from_dict(raw, source=args.config or "config")
+    values = {f.name: getattr(args, f.name) for _, f in config_fields()}
+    values["run_dir"] = args.run_dir
     cfg = apply_overrides(cfg, values)
-    if args.command == "train" and not args.run_dir and "run_dir" not in raw:
+    if not args.run_dir and "run_dir" not in raw:
         cfg.run_dir = time.strftime("runs/run-%Y%m%d-%H%M%S")
     return cfg
 
@@ -147,85 +79,13 @@ def _launch(cfg: Config) -> int:
         os.unlink(f.name)
 
 
-def _profile(args) -> int:
-    from .costs import format_profile, write_profile
-    if args.processes < 1:
-        raise ConfigError(f"--processes={args.processes} is invalid: use 1 or more")
-    from .profiling import keep_busy, measure
-    cfg = _config_from_args(args)
-    if args.busy:
-        keep_busy(cfg)
-    profile = measure(cfg, args.processes)
-    write_profile(profile, args.out)
-    print(format_profile(profile))
-    print(f"wrote {args.out}")
-    return 0
-
-
-def _plan(args) -> int:
-    import json
-
-    from .config import RunFacts
-    from .costs import Hardware, read_profile
-    from .data.sources import describe_data, split_sizes
-    cfg = _config_from_args(args)
-    hardware = Hardware(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Hardware)
-                           if getattr(args, f.name) is not None})
-    try:
-        trace = [int(k) for k in args.trace.split(",")] if args.trace else None
-    except ValueError:
-        raise ConfigError(f"--trace={args.trace!r} is invalid: give frozen blocks per epoch, e.g. 0,2,4,5") from None
-    d = cfg.data
-    samples = d.train_samples or split_sizes(describe_data(d.data).labels, d.val_fraction, 0, 0)[0]
-    if args.profile:
-        profile = read_profile(args.profile)
-    else:
-        from .profiling import measure
-        profile = measure(cfg)
-    cfg.validate(hardware.devices, RunFacts(profile.modality, profile.modality, len(profile.units), samples))
-    from .planner import format_prediction, predict
-    prediction = predict(profile, hardware, cfg, samples, trace, args.choose_micro_batches)
-    if args.json:
-        print(json.dumps(prediction.to_dict()))
-    else:
-        nodes = f", {hardware.devices // hardware.node_size} machines" if hardware.devices > hardware.node_size else ""
-        print(format_prediction(prediction, f"{profile.model} ({profile.device_name} profile), {samples} samples, "
-                                f"batch {cfg.train.batch_size}, {hardware.devices} devices{nodes} at speed "
-                                f"{hardware.speed:g}, freeze {cfg.freeze.freeze} alpha {cfg.freeze.alpha:.3g}"))
-    return 0
-
-
-def _bench(args) -> int:
-    from pathlib import Path
-
-    from .bench import PRESETS, run_bench
-    preset = PRESETS["small" if args.small else "default"]
-    cfg = _config_from_args(args, preset.config)
-    rows = [r.strip() for r in args.configs.split(",") if r.strip()]
-    unknown = [r for r in rows if r not in VARIANTS]
-    if unknown or not rows:
-        raise ConfigError(f"--configs={args.configs!r} is invalid: choose from {', '.join(VARIANTS)}")
-    seeds = preset.seeds if args.seeds is None else args.seeds
-    if seeds < 1:
-        raise ConfigError(f"--seeds={seeds} is invalid: run at least 1 seed")
-    out = Path(args.out or time.strftime("runs/bench-%Y%m%d-%H%M%S"))
-    try:
-        run_bench(cfg, rows, seeds, out, args.profile, "pipetransformer " + " ".join(sys.argv[1:]))
-    except RuntimeError as e:  # a train run failed: its log says why
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from .commands import COMMANDS  # profile, plan, bench: no torch either
+    from .commands import main as run_command
+    if argv and argv[0] in COMMANDS:
+        return run_command(argv)
     args = build_parser().parse_args(argv)
-    if args.command != "train":
-        try:
-            return {"profile": _profile, "plan": _plan, "bench": _bench}[args.command](args)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
     under_torchrun = "LOCAL_WORLD_SIZE" in os.environ
     try:
         cfg = _config_from_args(args)
