@@ -25,7 +25,7 @@ from pipetransformer.config import Config, apply_overrides
 from pipetransformer.costs import Hardware, Profile, read_profile, write_profile
 from pipetransformer.models.loading import wrap_model
 from pipetransformer.planner import predict
-from pipetransformer.runtime import measure_profile
+from pipetransformer.profiling import measure_profile
 
 GPU_TFLOPS = 5.6   # RTX 5000: 11.2 TFLOPS fp32 peak, taken at half in training
 CALL_US = 100.0    # kernel launches per unit call (forward or backward)

@@ -5,10 +5,6 @@ Built by `build_runtime(plan, env, opt_state)`; rebuilt only by transition.apply
 """
 from __future__ import annotations
 
-import os
-import platform
-import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -24,11 +20,10 @@ from .models.base import StagedModel, Unit
 from .timing import best_seconds
 
 if TYPE_CHECKING:  # transition.apply builds runtimes: the import runs the other way
-    from .costs import Profile
     from .transition import TransitionPlan
 
 __all__ = ["Runtime", "RuntimeEnv", "UnitSequence", "build_runtime", "clip_grad_norm", "profile_units",
-           "unit_costs", "UnitTiming", "time_units", "measure_profile", "synthetic_inputs"]
+           "unit_costs"]
 
 
 class UnitSequence(nn.Module):
@@ -165,19 +160,10 @@ def clip_grad_norm(rt: Runtime, max_norm: float, comm_device: torch.device) -> N
         torch._foreach_mul_(grads, coef.to(grads[0].device, grads[0].dtype).squeeze())
 
 
-@dataclass(frozen=True)
-class UnitTiming:
-    train_seconds: float    # forward + backward
-    forward_seconds: float  # forward without gradients
-    output_bytes: int       # the unit's output for the whole batch
-    saved_bytes: int        # tensors autograd keeps for the backward pass, whole batch
-
-
-def time_units(model: StagedModel, inputs: tuple, device, repeat: int = 3) -> dict[str, UnitTiming]:
-    """Per unit, best-of-`repeat` seconds of forward + backward and of forward alone on `inputs`,
-    unit after unit on `device`, as training runs them (bf16 autocast on CUDA), and the bytes
-    of its output and of what it saves for backward. The RNG state is restored and gradients
-    cleared, so profiling changes no result."""
+def profile_units(model: StagedModel, inputs: tuple, device) -> dict[str, tuple[float, float]]:
+    """Per unit, the best-of-3 seconds of (forward + backward, forward alone) on `inputs`,
+    unit after unit on `device`, as training runs them (bf16 autocast on CUDA). The RNG
+    state is restored and gradients cleared, so profiling changes no result."""
     device = torch.device(device)
     out = {}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -193,95 +179,10 @@ def time_units(model: StagedModel, inputs: tuple, device, repeat: int = 3) -> di
                 if backward:
                     y.float().sum().backward()
                 return y
-            train = forward = float("inf")
-            for _ in range(repeat):  # interleaved, so both see the same spells of a busy machine
-                train = min(train, best_seconds(lambda: run(True), device, 1, grad=True))
-                forward = min(forward, best_seconds(lambda: run(False), device, 1))
-            saved = _saved_bytes(lambda: run(False), {p.untyped_storage().data_ptr()
-                                                      for p in unit.module.parameters()})
+            out[unit.name] = (best_seconds(lambda: run(True), device, grad=True),
+                              best_seconds(lambda: run(False), device))
             for p in unit.module.parameters():
                 p.grad = None
             with torch.no_grad():
                 x = run(False)
-            out[unit.name] = UnitTiming(train, forward, x.numel() * x.element_size(), saved)
     return out
-
-
-def _saved_bytes(fn: Callable[[], object], weights: set[int]) -> int:
-    """Bytes autograd keeps for the backward pass of fn(): activations only (tensors on the
-    weights' storage left out), each stored tensor counted once."""
-    saved: dict[tuple, int] = {}
-
-    def keep(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage().data_ptr()
-        if storage not in weights:
-            saved[(storage, t.storage_offset(), tuple(t.shape))] = t.numel() * t.element_size()
-        return t
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        fn()
-    return sum(saved.values())
-
-
-def profile_units(model: StagedModel, inputs: tuple, device) -> dict[str, tuple[float, float]]:
-    """Per unit, (forward + backward, forward alone) seconds on `inputs` (see time_units)."""
-    return {name: (t.train_seconds, t.forward_seconds) for name, t in time_units(model, inputs, device).items()}
-
-
-def measure_profile(model: StagedModel, name: str, batch_sizes: Sequence[int], seq_len: int, device) -> Profile:
-    """The planner's profile of `model` on `device`: every unit timed at each batch size on
-    synthetic rows of `seq_len` tokens (or pixels a side), with dropout on as in training,
-    its sizes, and its parameters' optimizer step. Changes no weight and no RNG state."""
-    from .costs import Profile, UnitProfile
-    device = torch.device(device)
-    mode = model.hf_model.training
-    model.hf_model.train()
-    try:
-        timings = [time_units(model, synthetic_inputs(model, n, seq_len), device, repeat=5) for n in batch_sizes]
-    finally:
-        model.hf_model.train(mode)
-    rows = batch_sizes[-1]
-    units = tuple(UnitProfile(
-        u.name, u.freeze_index, u.cost(), sum(p.numel() * p.element_size() for p in u.module.parameters()),
-        timings[-1][u.name].output_bytes / rows, timings[-1][u.name].saved_bytes / rows,
-        tuple(t[u.name].forward_seconds for t in timings),
-        tuple(max(0.0, t[u.name].train_seconds - t[u.name].forward_seconds) for t in timings),
-        _update_seconds(u, device)) for u in model.units)
-    cuda = device.type == "cuda"
-    if cuda:
-        props = torch.cuda.get_device_properties(device)
-        device_name, memory = props.name, props.total_memory
-    else:
-        device_name, memory = f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)", 0
-    return Profile(name, model.modality, units, tuple(batch_sizes), seq_len, device.type, device_name,
-                   torch.get_num_threads(), "bfloat16" if cuda else "float32", time.strftime("%Y-%m-%d"),
-                   memory / 1e9, torch.__version__)
-
-
-def synthetic_inputs(model: StagedModel, rows: int, seq_len: int) -> tuple:
-    """Model inputs of the right kind and shape: random tokens, every position attended (text
-    is padded to the full length in training), or random pixels."""
-    g = torch.Generator().manual_seed(0)
-    if model.modality == "text":
-        vocab = model.hf_model.config.vocab_size
-        return model.inputs({"input_ids": torch.randint(5, vocab, (rows, seq_len), generator=g),
-                             "attention_mask": torch.ones(rows, seq_len, dtype=torch.long)})
-    return model.inputs({"pixel_values": torch.randn(rows, 3, seq_len, seq_len, generator=g)})
-
-
-def _update_seconds(unit: Unit, device: torch.device) -> float:
-    """Seconds of one step's per-parameter work on a copy of the unit's parameters: fused AdamW,
-    the clipping norm and the AutoFreeze gradient sum."""
-    params = [nn.Parameter(p.detach().to(device).clone()) for p in unit.module.parameters()]
-    if not params:
-        return 0.0
-    grads = [torch.full_like(p, 1e-3) for p in params]
-    for p, g in zip(params, grads):
-        p.grad = g
-    sums = [torch.zeros_like(p) for p in params]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
-
-    def step():
-        torch._foreach_norm(grads)
-        torch._foreach_add_(sums, grads)
-        opt.step()
-    return best_seconds(step, device)

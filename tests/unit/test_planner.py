@@ -16,7 +16,7 @@ from pipetransformer.costs import Hardware, Profile, UnitProfile, read_profile, 
 from pipetransformer.errors import ConfigError
 from pipetransformer.models.loading import wrap_model
 from pipetransformer.planner import _linear, assumed_trace, predict, simulate
-from pipetransformer.runtime import measure_profile
+from pipetransformer.profiling import measure_profile
 from pipetransformer.transition import PlanInputs, next_plan, plan
 
 MS = 1e-3
