@@ -54,9 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = _command(sub, "bench", "run a1 (fixed pipeline), a2 (data parallel), b (freeze), c (+ AutoPipe "
                      "+ AutoDP), d (+ AutoCache) as real train runs over seeds; table, JSON, markdown, plot")
-    bench.add_argument("--small", action="store_true", help="the 3-minute preset (default preset: about "
-                       "30 minutes on 2 CPU cores); both set model, data, sample counts, max length, epochs, "
-                       "batch and processes, which flags given here override")
+    bench.add_argument("--small", action="store_true", help="the smoke-test preset, a few minutes (default "
+                       "preset: about 30 minutes on 2 idle CPU cores); both set model, data, sample counts, "
+                       "max length, epochs, batch and processes, which flags given here override")
     bench.add_argument("--seeds", type=int, help="seeds per configuration: --seed, --seed + 1, ... "
                        "(default: 2, or 1 with --small)")
     bench.add_argument("--out", help="output folder (default: runs/bench-<date>-<time>); a finished bench "

@@ -1,5 +1,6 @@
 """`pipetransformer bench --small` end to end: five real 2-process runs, a profile, the
-planner beside them, and the JSON, markdown and plot they leave (about 3 minutes on 2 cores)."""
+planner beside them, and the JSON, markdown and plot they leave (4.5-5.5 minutes measured on
+the 2-core machine under a load average of 3)."""
 from __future__ import annotations
 
 import json
