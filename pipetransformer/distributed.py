@@ -1,16 +1,18 @@
-"""Process-group start-up: under torchrun, or a one-process group for a plain call."""
+"""Process-group start-up: under torchrun, or a one-process group for a plain call; how a
+process stops on a signal."""
 from __future__ import annotations
 
 import datetime
 import os
+import signal
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["init", "shutdown", "device_for", "local_rank_world", "sum_over_world", "raise_on_sigterm",
-           "TIMEOUT"]
+__all__ = ["init", "shutdown", "device_for", "local_rank_world", "sum_over_world", "stop_on_signals",
+           "stopping_signal"]
 
-TIMEOUT = datetime.timedelta(minutes=10)  # a dead peer ends in an error, never a hang
+_stopped_by: list[int] = []  # the signal that is stopping this process, if any
 
 
 def device_for(local_rank: int) -> torch.device:
@@ -25,17 +27,20 @@ def local_rank_world() -> tuple[int, int]:
     return int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
-def init() -> tuple[int, int, torch.device]:
-    """(rank, world size, device). Works with torchrun's variables or none at all."""
+def init(timeout_seconds: float = 300.0) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Works with torchrun's variables or none at all. A peer
+    that stops answering ends every collective with an error after `timeout_seconds`."""
     device = device_for(local_rank_world()[0])
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), device
     backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_seconds)
+    device_id = device if device.type == "cuda" else None
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend, timeout=TIMEOUT, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend, timeout=timeout, device_id=device_id)
     else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=TIMEOUT,
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout,
+                                device_id=device_id)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -51,10 +56,16 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def raise_on_sigterm() -> None:
-    """Turn SIGTERM into SystemExit so `finally` blocks (shared-memory cleanup) run."""
-    import signal
-
+def stop_on_signals() -> None:
+    """SIGTERM and SIGINT become SystemExit(128 + signal), so `finally` blocks (cache files)
+    run; `stopping_signal()` then tells any error that follows apart from a real failure."""
     def handler(signum, frame):
-        raise SystemExit(128 + signum)
-    signal.signal(signal.SIGTERM, handler)
+        if not _stopped_by:
+            _stopped_by.append(signum)
+            raise SystemExit(128 + signum)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+
+
+def stopping_signal() -> int | None:
+    return _stopped_by[0] if _stopped_by else None
