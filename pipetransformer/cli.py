@@ -135,6 +135,7 @@ def _launch(cfg: Config, resuming: bool) -> int:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # we say what happened
+    _stop_workers_promptly()
     n = cfg.parallel.nproc
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
     os.environ[LOCK_HELD] = "1"
@@ -158,6 +159,28 @@ def _launch(cfg: Config, resuming: bool) -> int:
         return 1
     finally:
         os.unlink(f.name)
+
+
+def _stop_workers_promptly() -> None:
+    """torch's agent stops the other workers after a failure with a fixed 30 s grace (its
+    process context closes with the default timeout, and LocalElasticAgent._stop_workers
+    ignores shutdown_timeout): a stopped (SIGSTOP) peer would hold the run 30 s past its
+    error. Use the configured grace (shutdown_timeout) for both."""
+    from torch.distributed.elastic.agent.server import local_elastic_agent
+    from torch.distributed.launcher import api
+
+    class Agent(local_elastic_agent.LocalElasticAgent):
+        def _start_workers(self, worker_group):
+            started = super()._start_workers(worker_group)
+            context, grace = self._pcontext, self._shutdown_timeout
+            assert context is not None
+            close = context.close
+            context.close = lambda death_sig=None, timeout=grace: close(death_sig, min(timeout, grace))  # type: ignore[method-assign]
+            return started
+
+        def _stop_workers(self, worker_group) -> None:
+            self._shutdown(timeout=self._shutdown_timeout)
+    api.LocalElasticAgent = Agent  # type: ignore[misc]
 
 
 def _resume_hint(cfg: Config) -> str:
@@ -199,6 +222,7 @@ def _train(cfg: Config, resuming: bool) -> int:
             raise
         return _failed(cfg, rank, e)
     finally:
+        distributed.quiet_signals()
         if trainer is not None:
             trainer.close()
         distributed.shutdown()

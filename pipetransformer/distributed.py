@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["init", "shutdown", "device_for", "local_rank_world", "sum_over_world", "stop_on_signals",
-           "stopping_signal"]
+           "quiet_signals", "stopping_signal"]
 
 _stopped_by: list[int] = []  # the signal that is stopping this process, if any
 
@@ -37,11 +37,22 @@ def init(timeout_seconds: float = 300.0) -> tuple[int, int, torch.device]:
     timeout = datetime.timedelta(seconds=timeout_seconds)
     device_id = device if device.type == "cuda" else None
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend, timeout=timeout, device_id=device_id)
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        dist.init_process_group(backend, store=_attempt_store(rank, world, timeout), rank=rank,
+                                world_size=world, timeout=timeout, device_id=device_id)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout,
                                 device_id=device_id)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:
+    """torchrun's store, with keys private to this attempt: after a restart (--max-restarts)
+    the agent may keep its store, and the failed attempt's addresses would still be there."""
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent_hosts, timeout=timeout)
+    return dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def sum_over_world(t: torch.Tensor, comm_device: torch.device) -> torch.Tensor:
@@ -65,6 +76,12 @@ def stop_on_signals() -> None:
             raise SystemExit(128 + signum)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, handler)
+
+
+def quiet_signals() -> None:
+    """Once training is over a signal has nothing left to stop: exit quietly on it."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: os._exit(128 + signum))
 
 
 def stopping_signal() -> int | None:
