@@ -133,8 +133,9 @@ def load_tensors(path: Path, wanted: dict[str, torch.Tensor]) -> dict[str, torch
         stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
         found = {k: v for k, v in wanted.items() if k in stored}
         dcp.load(found, checkpoint_id=str(path), no_dist=not dist.is_initialized())
-    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is the same user error
-        raise ConfigError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]}); "
+    except (Exception, dcp.api.CheckpointException) as e:  # any unreadable checkpoint: one user error
+        last = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]  # DCP appends the root cause
+        raise ConfigError(f"checkpoint {path} cannot be read ({last}); "
                           f"remove that folder to resume from the one before, or start a new run") from None
     return found
 

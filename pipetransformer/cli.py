@@ -237,7 +237,7 @@ def _failed(cfg: Config, rank: int, e: BaseException) -> int:
         where = f"; traceback in {log}"
     except OSError:
         where = ""
-    text = str(e).splitlines()[0][:300] if str(e) else ""
+    text = str(e).splitlines()[0][:1000] if str(e) else ""
     if "timed out" in str(e).lower() or "timeout" in str(e).lower():
         text = (f"a peer process did not answer within --comm-timeout={cfg.parallel.comm_timeout:g} s "
                 f"(stopped or dead): {text}")

@@ -58,7 +58,13 @@ class Recorder:
         and summary.json."""
         if self.rank != 0:
             return
-        save_final(model, self.run_dir)
+        try:
+            save_final(model, self.run_dir)
+        except OSError as e:
+            from .checkpoint import latest
+            raise RuntimeError(f"saving {self.run_dir / 'final'} failed ({e.strerror or e}); the last good "
+                               f"checkpoint is {latest(self.run_dir)}; once the cause is fixed, write "
+                               f"final/ from it with: pipetransformer export {self.run_dir}") from e
         plot_metrics(records, self.run_dir / "metrics.png")
         summary = {"val_accuracy": records[-1]["val_accuracy"], "total_seconds": seconds,
                    "epochs": len(records), "final_frozen_layers": records[-1]["frozen_after"],
@@ -88,6 +94,8 @@ def save_final(model, run_dir: Path) -> None:
     model.hf_model.to("cpu").save_pretrained(tmp)
     if model.processor is not None:
         model.processor.save_pretrained(tmp)
+    if not (tmp / "config.json").is_file():  # save_pretrained logs some failures without raising
+        raise OSError(f"{tmp} could not be written")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
 
