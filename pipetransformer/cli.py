@@ -134,7 +134,9 @@ def _launch(cfg: Config, resuming: bool) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # we say what happened
+    for name in list(logging.root.manager.loggerDict):  # each sets its own level: we say what happened
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     _stop_workers_promptly()
     n = cfg.parallel.nproc
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
@@ -149,6 +151,7 @@ def _launch(cfg: Config, resuming: bool) -> int:
         elastic_launch(launch, sys.executable)("-u", "-m", "pipetransformer", "train", "--config", f.name)
         return 0
     except SignalException as e:
+        print(_stopped(cfg), file=sys.stderr)
         return 128 + int(e.sigval)
     except ChildFailedError as e:
         _, failure = e.get_first_failure()
@@ -183,6 +186,17 @@ def _stop_workers_promptly() -> None:
     api.LocalElasticAgent = Agent  # type: ignore[misc]
 
 
+def _stopped(cfg: Config) -> str:
+    """The line a stopped run ends with: where it stopped and how to go on."""
+    metrics = Path(cfg.run_dir) / "metrics.jsonl"
+    if (Path(cfg.run_dir) / "config.yaml").is_file():
+        done = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+        where = f"during epoch {done + 1}"
+    else:
+        where = "before training started"
+    return f"stopped {where}; resume with: pipetransformer train --resume {cfg.run_dir}"
+
+
 def _resume_hint(cfg: Config) -> str:
     from .checkpoint import latest
     last = latest(Path(cfg.run_dir))
@@ -197,7 +211,7 @@ def _train(cfg: Config, resuming: bool) -> int:
     from .engine import Trainer
     distributed.stop_on_signals()
     rank = int(os.environ.get("RANK", 0))
-    trainer = None
+    trainer: Trainer | None = None
     try:
         if rank == 0:
             remove_orphans(Path(cfg.run_dir))
@@ -208,17 +222,15 @@ def _train(cfg: Config, resuming: bool) -> int:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
-    except (SystemExit, KeyboardInterrupt, Exception) as e:
+    except BaseException as e:  # noqa: B036 - a signal may surface as any error (DCP wraps it)
         signum = distributed.stopping_signal()
         if signum is None and isinstance(e, KeyboardInterrupt):
             signum = 2
         if signum is not None:
-            if rank == 0:
-                epoch = f"during epoch {trainer.epoch + 1}" if trainer is not None else "before training"
-                print(f"stopped {epoch}; resume with: pipetransformer train --resume {cfg.run_dir}",
-                      file=sys.stderr)
+            if rank == 0 and not os.environ.get(LOCK_HELD):  # under our launcher, it says it
+                print(_stopped(cfg), file=sys.stderr)
             return 128 + signum
-        if isinstance(e, SystemExit):
+        if not isinstance(e, Exception):
             raise
         return _failed(cfg, rank, e)
     finally:

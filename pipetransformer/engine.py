@@ -192,22 +192,24 @@ class Trainer:
         prefetch = rt.is_first and self.cache.active(rt)
         self.cache.reset_counters()
         start = time.perf_counter()
-        for step in range(first, steps):
-            rows = replica_rows(order, step, batch_size, rt.replica, layout.replicas)
-            if prefetch and step + 1 < steps:  # read the next batch's entries during this step
-                self.cache.prefetch(replica_rows(order, step + 1, batch_size, rt.replica, layout.replicas))
-            losses.append(self._train_step(self._train_batch(rows, epoch)))
-            self.samples_seen += batch_size
+        try:
+            for step in range(first, steps):
+                rows = replica_rows(order, step, batch_size, rt.replica, layout.replicas)
+                if prefetch and step + 1 < steps:  # read the next batch's entries during this step
+                    self.cache.prefetch(replica_rows(order, step + 1, batch_size, rt.replica, layout.replicas))
+                losses.append(self._train_step(self._train_batch(rows, epoch)))
+                self.samples_seen += batch_size
+                if bar is not None:
+                    bar.update(1)
+                    if rt.is_last and (step % 10 == 0 or step + 1 == steps):  # reading the loss syncs
+                        bar.set_postfix(loss=f"{float(losses[-1]):.4f}", lr=f"{self._lr():.2e}")
+                if every and (step + 1) % every == 0 and step + 1 < steps:
+                    self._checkpoint(epoch, step + 1, self._epoch_stats(done, losses, start, layout.replicas))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+        finally:
             if bar is not None:
-                bar.update(1)
-                if rt.is_last and (step % 10 == 0 or step + 1 == steps):  # reading the loss syncs
-                    bar.set_postfix(loss=f"{float(losses[-1]):.4f}", lr=f"{self._lr():.2e}")
-            if every and (step + 1) % every == 0 and step + 1 < steps:
-                self._checkpoint(epoch, step + 1, self._epoch_stats(done, losses, start, layout.replicas))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        if bar is not None:
-            bar.close()
+                bar.close()  # also on errors: their line starts on a clean line
         stats = self._epoch_stats(done, losses, start, layout.replicas)
         seconds, step_losses = stats["seconds"], stats["step_losses"]
         return {"cache_hits": stats["cache_hits"], "cache_bytes": stats["cache_bytes"],
