@@ -209,7 +209,7 @@ def _train(cfg: Config, resuming: bool) -> int:
     from . import distributed
     from .autocache.store import remove_orphans
     from .engine import Trainer
-    distributed.stop_on_signals()
+    previous = distributed.stop_on_signals()
     rank = int(os.environ.get("RANK", 0))
     trainer: Trainer | None = None
     try:
@@ -234,7 +234,7 @@ def _train(cfg: Config, resuming: bool) -> int:
             raise
         return _failed(cfg, rank, e)
     finally:
-        distributed.quiet_signals()
+        distributed.restore_signals(previous)
         if trainer is not None:
             trainer.close()
         distributed.shutdown()

@@ -220,6 +220,9 @@ class Config:
         if facts.max_positions is not None and m.max_length > facts.max_positions:
             raise _bad("max_length", m.max_length, f"{m.model!r} has {facts.max_positions} positions; "
                        f"use at most {facts.max_positions}")
+        if facts.image_size is not None and d.image_size != facts.image_size:
+            raise _bad("image_size", d.image_size, f"{m.model!r} takes {facts.image_size} x "
+                       f"{facts.image_size} images; use --image-size {facts.image_size}")
         stages = p.stages or world
         if world % stages:
             raise _bad("stages", p.stages, f"it must divide the number of processes ({world}); "
@@ -282,7 +285,8 @@ class RunFacts:
     data_modality: str
     num_units: int       # places the partitioner can cut between (models.base)
     train_rows: int
-    max_positions: int | None = None
+    max_positions: int | None = None  # text: the most tokens the model takes
+    image_size: int | None = None     # image: the side its position embeddings are made for
 
 
 def describe_run(cfg: Config) -> RunFacts:
@@ -291,7 +295,8 @@ def describe_run(cfg: Config) -> RunFacts:
     data = describe_data(cfg.data.data)
     train_rows = split_sizes(data.labels, cfg.data.val_fraction, cfg.data.train_samples,
                              cfg.data.eval_samples)[0]
-    return RunFacts(model.modality, data.modality, model.num_units, train_rows, model.max_positions)
+    return RunFacts(model.modality, data.modality, model.num_units, train_rows, model.max_positions,
+                    model.image_size)
 
 
 def config_fields() -> Iterator[tuple[str, dataclasses.Field]]:
@@ -352,7 +357,7 @@ def read_yaml(path: str | Path) -> dict:
     try:
         raw = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"--config={str(path)!r} is not valid YAML: {e}") from None
+        raise ConfigError(f"--config={str(path)!r} is not valid YAML: {' '.join(str(e).split())}") from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"--config={str(path)!r}: the top level must be a mapping of sections")
     return raw or {}

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["init", "shutdown", "device_for", "local_rank_world", "sum_over_world", "stop_on_signals",
-           "quiet_signals", "stopping_signal"]
+           "restore_signals", "stopping_signal"]
 
 _stopped_by: list[int] = []  # the signal that is stopping this process, if any
 
@@ -67,21 +67,21 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def stop_on_signals() -> None:
+def stop_on_signals() -> dict:
     """SIGTERM and SIGINT become SystemExit(128 + signal), so `finally` blocks (cache files)
-    run; `stopping_signal()` then tells any error that follows apart from a real failure."""
+    run; `stopping_signal()` then tells any error that follows apart from a real failure.
+    Returns the handlers it replaced (for `restore_signals`)."""
     def handler(signum, frame):
         if not _stopped_by:
             _stopped_by.append(signum)
             raise SystemExit(128 + signum)
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def restore_signals(previous: dict) -> None:
+    """Training is over: a signal has nothing left to stop (and must not raise in shutdown)."""
+    for sig, handler in previous.items():
         signal.signal(sig, handler)
-
-
-def quiet_signals() -> None:
-    """Once training is over a signal has nothing left to stop: exit quietly on it."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: os._exit(128 + signum))
 
 
 def stopping_signal() -> int | None:

@@ -64,8 +64,10 @@ class Trainer:
         self.train_data, self.val_data = data or load_data(cfg.data, model, cfg.model.max_length,
                                                            cfg.train.seed)
         # the same checks the launcher made, now on the model and data actually loaded
-        cfg.validate(self.world, RunFacts(model.modality, model.modality, len(model.units),
-                                          len(self.train_data)))
+        hf = model.hf_model.config
+        cfg.validate(self.world, RunFacts(model.modality, model.modality, len(model.units), len(self.train_data),
+                                          image_size=getattr(hf, "image_size", None) if model.modality == "image"
+                                          else None))
         self.recorder = Recorder(cfg, self.rank, progress)
         self.freeze, self.meter = FreezeState(model.num_blocks), GradNormMeter(model.num_blocks)
         self.sampler = BatchSampler(len(self.train_data), cfg.train.seed)
