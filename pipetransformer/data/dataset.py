@@ -85,7 +85,7 @@ def _load_images(cfg: DataConfig, processor) -> tuple[np.ndarray, list[str], Enc
     def encode(rows):
         batch = []
         for i in rows:
-            img = torch.as_tensor(np.asarray(load(i)), dtype=torch.float32)
+            img = torch.from_numpy(np.array(load(i), dtype=np.float32))  # a writable copy
             if img.ndim == 2:
                 img = img[..., None]
             img = img.permute(2, 0, 1)

@@ -162,3 +162,24 @@ def test_cache_files_of_dead_runs_are_removed_at_start(tmp_path, tiny_bert, tiny
     finally:
         orphan.unlink(missing_ok=True)
         alive.unlink(missing_ok=True)
+
+
+def test_bad_input_found_by_the_workers_is_printed_once(tmp_path, tiny_bert):
+    """A broken image only shows when the workers decode it: both fail, one line, exit 2."""
+    import numpy as np
+    import transformers
+    from PIL import Image
+    vit = tmp_path / "vit"
+    transformers.ViTForImageClassification(transformers.ViTConfig(
+        image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, num_labels=2)).save_pretrained(vit)
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(np.full((16, 16), 20 * i, np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
+    (tmp_path / "imgs" / "b" / "4.png").write_bytes(b"not an image")
+    out = run_cli("train", "--model", str(vit), "--data", str(tmp_path / "imgs"), "--image-size", "16",
+                  "--batch-size", "4", "--nproc", "2", "--run-dir", str(tmp_path / "run"))
+    lines = _lines(out.stderr)
+    assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
+    assert "4.png cannot be read" in lines[0] and "Traceback" not in out.stderr
