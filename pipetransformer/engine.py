@@ -31,7 +31,7 @@ from .data.sources import describe_data
 from .models.base import StagedModel
 from .models.loading import load_model
 from .recorder import Recorder
-from .runtime import RuntimeEnv, build_runtime, clip_grad_norm, profile_units, unit_costs
+from .runtime import RuntimeEnv, build_runtime, clip_grad_norm, profile_on_rank0, unit_costs
 from .transition import PlanInputs, TransitionPlan, apply, gather_weights, next_plan, plan
 
 __all__ = ["Trainer", "fine_tune", "lr_factor"]
@@ -61,13 +61,11 @@ class Trainer:
         self.model = model
         if not cfg.train.dropout:
             _disable_dropout(model.hf_model)
-        self.train_data, self.val_data = data or load_data(cfg.data, model, cfg.model.max_length,
-                                                           cfg.train.seed)
+        self.train_data, self.val_data = data or load_data(cfg.data, model, cfg.model.max_length, cfg.train.seed)
         # the same checks the launcher made, now on the model and data actually loaded
-        hf = model.hf_model.config
+        image_size = getattr(model.hf_model.config, "image_size", None) if model.modality == "image" else None
         cfg.validate(self.world, RunFacts(model.modality, model.modality, len(model.units), len(self.train_data),
-                                          image_size=getattr(hf, "image_size", None) if model.modality == "image"
-                                          else None))
+                                          image_size=image_size))
         self.recorder = Recorder(cfg, self.rank, progress)
         self.freeze, self.meter = FreezeState(model.num_blocks), GradNormMeter(model.num_blocks)
         self.sampler = BatchSampler(len(self.train_data), cfg.train.seed)
@@ -75,7 +73,10 @@ class Trainer:
         self.plans = PlanInputs(unit_costs(model), self.world, pc.stages or self.world, pc.elastic,
                                 t.batch_size, pc.batch_policy, pc.micro_batches)
         if pc.balance == "time":
-            self.plans = dataclasses.replace(self.plans, units=unit_costs(model, self._profile()))
+            rows = torch.arange(min(len(self.train_data), plan(self.plans, 0, self.plans.start_stages).replica_batch))
+            seconds = profile_on_rank0(model, model.inputs(self.train_data.batch(rows)), self.device,
+                                       self.recorder.log)
+            self.plans = dataclasses.replace(self.plans, units=unit_costs(model, seconds))
         self.env = RuntimeEnv(model, Topology(self.world, self.rank), self.device, self.comm_device,
                               t.lr, t.weight_decay, pc.schedule, t.dropout)
         self.cache = AutoCache(cfg.cache, cfg.data.augment, model, self.train_data, self.device,
@@ -84,24 +85,11 @@ class Trainer:
         self.total_samples = t.epochs * self.sampler.steps(t.batch_size) * t.batch_size
         self.fingerprint = checkpoint.fingerprint(cfg, self.train_data.label_names, model.num_blocks)
         self.epoch, self.first_step, self.partial = 0, 0, dict[str, list]()
-        found = checkpoint.latest(self.recorder.run_dir) if resume else None
+        self.resumed, found = resume, checkpoint.latest(self.recorder.run_dir) if resume else None
         if found is None:
             self.rt = build_runtime(plan(self.plans, 0, self.plans.start_stages), self.env, {})
         else:
             self._resume(found)
-        self.resumed = resume
-
-    def _profile(self) -> dict[str, tuple[float, float]]:
-        """Time every unit on one replica batch (rank 0); every rank balances by the result."""
-        seconds: list = [None]
-        if self.rank == 0:
-            rows = torch.arange(min(len(self.train_data), plan(self.plans, 0, self.plans.start_stages).replica_batch))
-            began = time.perf_counter()
-            seconds = [profile_units(self.model, self.model.inputs(self.train_data.batch(rows)), self.device)]
-            self.recorder.log(f"balance by time: {len(seconds[0])} units profiled in "
-                              f"{time.perf_counter() - began:.2f} s on {self.device.type}")
-        dist.broadcast_object_list(seconds, src=0)
-        return seconds[0]
 
     def _resume(self, path) -> None:
         """Continue from checkpoint `path`: freeze state, layout (re-planned for this number of
@@ -130,14 +118,11 @@ class Trainer:
     # --- the run ---------------------------------------------------------------------------
     def fit(self) -> list[dict]:
         cfg, log = self.cfg, self.recorder.log
-        self.recorder.start(self.resumed, self.records)
-        log(f"pipetransformer: {len(self.train_data)} train / {len(self.val_data)} val samples, "
+        self.recorder.start(self.resumed, self.records, [
+            f"pipetransformer: {len(self.train_data)} train / {len(self.val_data)} val samples, "
             f"{self.model.num_blocks} blocks, {self.world} process(es), device {self.device.type}, "
             f"layout {self.rt.layout} ({self.rt.plan.units_per_stage()} units per stage), "
-            f"freeze={cfg.freeze.freeze} alpha={cfg.freeze.alpha:.3g}")
-        warning = self.cache.warning()
-        if warning:
-            log(warning)
+            f"freeze={cfg.freeze.freeze} alpha={cfg.freeze.alpha:.3g}", self.cache.warning()])
         fit_start = time.perf_counter()
         for epoch in range(self.epoch, cfg.train.epochs):
             self.epoch = epoch
@@ -167,12 +152,11 @@ class Trainer:
         return self.records
 
     def _transition(self, new: TransitionPlan) -> dict[str, float]:
-        self.rt, seconds = apply(new, self.rt, self.env, self.cache, self.samples_seen > 0)
+        self.rt, seconds = apply(new, self.rt, self.env, self.cache, has_state=self.samples_seen > 0)
         return seconds
 
     def freeze_to(self, frozen: int) -> float:
-        """Apply a freeze decision by hand (benchmarks): the same path AutoFreeze takes, layout
-        compression included. Returns the transition's seconds."""
+        """Freeze by hand (benchmarks) along AutoFreeze's path; the transition's seconds."""
         if not self.rt.frozen <= frozen <= self.model.num_blocks:
             raise ValueError(f"frozen={frozen}: must lie in [{self.rt.frozen}, {self.model.num_blocks}] "
                              f"(frozen blocks never thaw)")
@@ -222,8 +206,8 @@ class Trainer:
 
     def _epoch_stats(self, done: dict, losses: list[torch.Tensor], start: float, replicas: int) -> dict:
         """The epoch so far, over every process (collective): per-step losses (averaged over
-        the global batch), seconds and cache hits, added to what a resumed epoch had `done`."""
-        # only last stages hold losses: a sum over the world is a sum over replicas
+        the global batch; only last stages hold losses, so a sum over the world is one over
+        replicas), seconds and cache hits, added to what a resumed epoch had `done`."""
         step_losses = distributed.sum_over_world(torch.tensor([float(x) for x in losses], dtype=torch.float64),
                                                  self.comm_device) / replicas
         stats = self.cache.stats()
@@ -233,10 +217,9 @@ class Trainer:
                 "cache_hits": done.get("cache_hits", 0) + int(hits[0])}
 
     def _train_batch(self, rows: torch.Tensor, epoch: int) -> dict:
-        batch = self.train_data.batch(rows)
+        batch, n = self.train_data.batch(rows), len(self.train_data)
         if self.cfg.data.augment == "crop-flip":
-            batch["pixel_values"] = crop_flip(batch["pixel_values"], rows, len(self.train_data),
-                                              epoch, self.cfg.train.seed)
+            batch["pixel_values"] = crop_flip(batch["pixel_values"], rows, n, epoch, self.cfg.train.seed)
         return batch
 
     def _train_step(self, batch: dict) -> torch.Tensor:

@@ -23,9 +23,10 @@ class Recorder:
         if self.rank == 0:
             print(*msg, flush=True)
 
-    def start(self, resumed: bool, records: list[dict]) -> None:
+    def start(self, resumed: bool, records: list[dict], header: list[str | None]) -> None:
         """Claim the run folder: a new run takes an empty or absent one and writes the resolved
-        config; a resumed run rewrites metrics.jsonl to the epochs its checkpoint holds."""
+        config; a resumed run rewrites metrics.jsonl to the epochs its checkpoint holds. Then
+        the header lines (None: nothing to say)."""
         if self.rank != 0:
             return
         if not resumed:
@@ -34,6 +35,9 @@ class Recorder:
             import yaml
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         _write_atomically(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        for line in header:
+            if line:
+                self.log(line)
 
     def bar(self, total: int, desc: str, initial: int = 0):
         if not self.progress:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from pipetransformer.autocache.store import SHM_DIR
 
-from conftest import assert_same_training, run_cli
+from conftest import assert_same_training, make_vit_folder, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -167,12 +167,8 @@ def test_cache_files_of_dead_runs_are_removed_at_start(tmp_path, tiny_bert, tiny
 def test_bad_input_found_by_the_workers_is_printed_once(tmp_path, tiny_bert):
     """A broken image only shows when the workers decode it: both fail, one line, exit 2."""
     import numpy as np
-    import transformers
     from PIL import Image
-    vit = tmp_path / "vit"
-    transformers.ViTForImageClassification(transformers.ViTConfig(
-        image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, num_labels=2)).save_pretrained(vit)
+    vit = make_vit_folder(tmp_path / "vit")
     for c in ("a", "b"):
         (tmp_path / "imgs" / c).mkdir(parents=True)
         for i in range(10):

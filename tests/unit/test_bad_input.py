@@ -12,7 +12,7 @@ import pytest
 
 from pipetransformer.cli import main
 
-from conftest import make_csv, make_model_folder
+from conftest import make_csv, make_model_folder, make_vit_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,14 +24,7 @@ def bert(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vit(tmp_path_factory):
-    import torch
-    import transformers
-    folder = tmp_path_factory.mktemp("vit")
-    torch.manual_seed(0)
-    cfg = transformers.ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2,
-                                 num_attention_heads=4, intermediate_size=64, num_labels=2)
-    transformers.ViTForImageClassification(cfg).save_pretrained(folder)
-    return folder
+    return make_vit_folder(tmp_path_factory.mktemp("vit"))
 
 
 def _model_copy(src: Path, dest: Path, drop=(), replace=None) -> Path:
