@@ -92,12 +92,15 @@ def _resume_config(args) -> Config:
             raise ConfigError(f"{flag}={value!r} would change the run's math (it has "
                               f"{getattr(getattr(cfg, section), key)!r}); a resume keeps the run's "
                               f"settings: drop {flag}, or start a new run")
-    if "nproc" in given and "stages" not in given:
+    p = cfg.parallel
+    if p.batch_policy == "per-replica":  # the starting layout sets each replica's batch and the LR
+        for key in ("nproc", "stages"):
+            if key in given and given[key] != getattr(p, key):
+                raise ConfigError(f"--{key}={given[key]}: this run keeps each replica's starting "
+                                  f"batch (--batch-policy per-replica), so another layout changes its "
+                                  f"math; resume with --{key} {getattr(p, key)}")
+    elif given.get("nproc", p.nproc) != p.nproc and "stages" not in given:
         given["stages"] = 0  # the new process count starts as one pipeline, as a new run would
-    if "nproc" in given and cfg.parallel.batch_policy == "per-replica" and given["nproc"] != cfg.parallel.nproc:
-        raise ConfigError(f"--nproc={given['nproc']}: this run grows its batch per replica "
-                          f"(--batch-policy per-replica), so another process count changes its "
-                          f"math; resume with --nproc {cfg.parallel.nproc}")
     return apply_overrides(cfg, {**given, "run_dir": str(run_dir)})
 
 
@@ -154,14 +157,18 @@ def _launch(cfg: Config, resuming: bool) -> int:
         print(_stopped(cfg), file=sys.stderr)
         return 128 + int(e.sigval)
     except ChildFailedError as e:
-        _, failure = e.get_first_failure()
-        if failure.exitcode in (2, 130, 143):
-            return failure.exitcode  # the worker said why
-        if failure.exitcode < 0:
-            print(f"error: a worker died of signal {-failure.exitcode}; {_resume_hint(cfg)}", file=sys.stderr)
+        rank, failure = e.get_first_failure()
+        if failure.exitcode == 2:
+            return 2  # rank 0 said why
+        if failure.exitcode in (130, 143):  # a worker was signalled on its own
+            print(_stopped(cfg), file=sys.stderr)
+            return failure.exitcode
+        print(_failure_line(cfg, rank, failure.exitcode), file=sys.stderr)
         return 1
     finally:
         os.unlink(f.name)
+        for key in (LOCK_HELD, RESUMING):
+            os.environ.pop(key, None)
 
 
 def _stop_workers_promptly() -> None:
@@ -183,6 +190,12 @@ def _stop_workers_promptly() -> None:
 
         def _stop_workers(self, worker_group) -> None:
             self._shutdown(timeout=self._shutdown_timeout)
+
+        def _monitor_workers(self, worker_group):
+            result = super()._monitor_workers(worker_group)
+            if any(f.exitcode in (2, 130, 143) for f in (result.failures or {}).values()):
+                self._remaining_restarts = 0  # bad input or a stop: a restart would meet it again
+            return result
     api.LocalElasticAgent = Agent  # type: ignore[misc]
 
 
@@ -218,12 +231,12 @@ def _train(cfg: Config, resuming: bool) -> int:
         trainer = Trainer(cfg, resume=resuming)
         trainer.fit()
         return 0
-    except ConfigError as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
     except BaseException as e:  # noqa: B036 - a signal may surface as any error (DCP wraps it)
         signum = distributed.stopping_signal()
+        if signum is None and isinstance(e, ConfigError):
+            if rank == 0:
+                print(f"error: {e}", file=sys.stderr)
+            return 2
         if signum is None and isinstance(e, KeyboardInterrupt):
             signum = 2
         if signum is not None:
@@ -241,25 +254,45 @@ def _train(cfg: Config, resuming: bool) -> int:
 
 
 def _failed(cfg: Config, rank: int, e: BaseException) -> int:
-    """One line for a failure during training; the traceback goes to the run folder."""
+    """One line for a failure during training; it heads RUN/error-rank<R>.log, above the
+    traceback. Under our launcher the launcher prints the line of the first rank that failed
+    (a failure often hits every rank at once), else this process does."""
     import traceback
-    log = Path(cfg.run_dir) / f"error-rank{rank}.log"
-    try:
-        log.write_text("".join(traceback.format_exception(e)))
-        where = f"; traceback in {log}"
-    except OSError:
-        where = ""
     text = str(e).splitlines()[0][:1000] if str(e) else ""
     if "timed out" in str(e).lower() or "timeout" in str(e).lower():
         text = (f"a peer process did not answer within --comm-timeout={cfg.parallel.comm_timeout:g} s "
                 f"(stopped or dead): {text}")
-    print(f"error (rank {rank}): {type(e).__name__}: {text}{where}; {_resume_hint(cfg)}", file=sys.stderr)
+    log = Path(cfg.run_dir) / f"error-rank{rank}.log"
+    line = f"error (rank {rank}): {type(e).__name__}: {text}; traceback in {log}; {_resume_hint(cfg)}"
+    try:
+        log.write_text(line + "\n\n" + "".join(traceback.format_exception(e)))
+    except OSError:
+        line = line.replace(f"; traceback in {log}", "")
+    if not os.environ.get(LOCK_HELD):
+        print(line, file=sys.stderr)
     return 1
+
+
+def _failure_line(cfg: Config, rank: int, exitcode: int) -> str:
+    """What the launcher prints for worker `rank` that ended with `exitcode`."""
+    log = Path(cfg.run_dir) / f"error-rank{rank}.log"
+    if exitcode == 1 and log.is_file():
+        return log.read_text().split("\n", 1)[0]
+    cause = f"died of signal {-exitcode}" if exitcode < 0 else f"ended with exit code {exitcode}"
+    return f"error: worker rank {rank} {cause}; {_resume_hint(cfg)}"
 
 
 def _export(run_dir: Path) -> int:
     from .export import export_final
-    print(f"wrote {export_final(run_dir)} (Hugging Face format)")
+    lock = _lock(run_dir)  # not while a run (a resume) prunes its checkpoints
+    try:
+        print(f"wrote {export_final(run_dir)} (Hugging Face format)")
+    except OSError as e:
+        print(f"error: writing {run_dir / 'final'} failed ({e.strerror or e}); free space or fix "
+              f"permissions and run the export again", file=sys.stderr)
+        return 1
+    finally:
+        lock.close()
     return 0
 
 

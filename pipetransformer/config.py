@@ -126,8 +126,8 @@ class ParallelConfig:
                            "math as one process); per-replica: each replica keeps the starting "
                            "batch, so the global batch and the LR (linearly) grow with replicas",
                            ("constant", "per-replica"))
-    max_restarts: int = _f(0, "restart every worker this many times after a worker fails; "
-                           "each restart resumes from the last checkpoint")
+    max_restarts: int = _f(0, "with --nproc 2 or more: restart every worker this many times after "
+                           "a worker fails; each restart resumes from the last checkpoint")
     comm_timeout: float = _f(300.0, "seconds a process waits on a stopped or dead peer before "
                              "the run ends with an error")
 

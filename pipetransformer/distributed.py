@@ -71,6 +71,7 @@ def stop_on_signals() -> dict:
     """SIGTERM and SIGINT become SystemExit(128 + signal), so `finally` blocks (cache files)
     run; `stopping_signal()` then tells any error that follows apart from a real failure.
     Returns the handlers it replaced (for `restore_signals`)."""
+    _stopped_by.clear()
     def handler(signum, frame):
         if not _stopped_by:
             _stopped_by.append(signum)

@@ -63,7 +63,8 @@ class Trainer:
             _disable_dropout(model.hf_model)
         self.train_data, self.val_data = data or load_data(cfg.data, model, cfg.model.max_length, cfg.train.seed)
         # the same checks the launcher made, now on the model and data actually loaded
-        image_size = getattr(model.hf_model.config, "image_size", None) if model.modality == "image" else None
+        fixed_size = model.modality == "image" and model.hf_model.config.model_type != "dinov2"
+        image_size = getattr(model.hf_model.config, "image_size", None) if fixed_size else None
         cfg.validate(self.world, RunFacts(model.modality, model.modality, len(model.units), len(self.train_data),
                                           image_size=image_size))
         self.recorder = Recorder(cfg, self.rank, progress)

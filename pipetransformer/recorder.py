@@ -31,9 +31,10 @@ class Recorder:
             return
         if not resumed:
             refuse_used_run_dir(self.run_dir)
+        if not resumed or not (self.run_dir / "config.yaml").exists():  # a restart before any epoch
             self.run_dir.mkdir(parents=True, exist_ok=True)
             import yaml
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+            _write_atomically(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         _write_atomically(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         for line in header:
             if line:

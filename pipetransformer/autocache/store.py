@@ -192,7 +192,7 @@ class ActivationCache:
         if len(hit_pos):
             out.index_copy_(0, hit_pos.to(self.device, non_blocking=True), cached.to(out_dtype))
         if len(miss_pos):
-            values = compute(miss_pos)
+            values = compute(miss_pos).to(self.dtype)  # as a later read will give it back
             out.index_copy_(0, miss_pos.to(self.device, non_blocking=True), values.to(out_dtype))
             self._write(rows[miss_pos], values)
         self.hits += len(hit_pos)

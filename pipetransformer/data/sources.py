@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,7 +123,7 @@ def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as arrays:
             arrays = dict(arrays)
-    except (OSError, ValueError, EOFError) as e:  # not a zip of arrays at all
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # not a (whole) zip of arrays
         raise ConfigError(f"--data={where!r} is not a readable .npz file ({type(e).__name__}); save "
                           f"it with numpy.savez(path, x=images, y=labels)") from None
     if "x" not in arrays or "y" not in arrays:
