@@ -46,6 +46,12 @@ def _checkpoints(run_dir):
     return sorted((run_dir / "checkpoints").glob("step-*"))
 
 
+def _samples_saved(run_dir) -> int:
+    """Samples seen at the newest checkpoint (0: none yet); older ones are pruned."""
+    found = _checkpoints(run_dir)
+    return int(found[-1].name.split("-")[1]) if found else 0
+
+
 def _children(pid):
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
@@ -104,7 +110,7 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_with_the_same_result(
     assert ref.returncode == 0, ref.stderr[-3000:]
     run = tmp_path / "run"
     proc = _start(run, tiny_bert, tiny_csv, *args, "--max-restarts", "1")
-    _wait_for(lambda: len(_checkpoints(run)) >= 3, proc)
+    _wait_for(lambda: _samples_saved(run) >= 48, proc)  # three checkpoints in (of 16 rows each)
     os.kill(_worker(proc.pid, 1), signal.SIGKILL)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
