@@ -3,13 +3,18 @@
 The paper's rule, with L blocks, freeze ratio alpha and g_T^l the gradient of block l
 accumulated over interval T:
 
-    k_T = min( k_{T-1} + alpha * (L - k_{T-1}),  argmin_{l in [k_{T-1}, L)} ||g_T^l|| + 1 )
+    k_T = min( k_{T-1} + alpha * (L - k_{T-1}),  argmin_{l in [k_{T-1}, L)} ||g_T^l|| (+ 1) )
 
 The first term caps the pace. It is tracked as a real number (`budget`) so that, with the
 gradient term off, it reproduces the closed form ceil(L * (1 - (1 - alpha)^T)); when the
-gradient term binds, the budget restarts from the integer k. The second term freezes up to
-*and including* the block with the smallest accumulated gradient norm (blocks are
-0-indexed, hence the +1): that block is the one judged converged. k never decreases.
+gradient term binds, the budget restarts from the integer k. k never decreases.
+
+The second term has two readings (`rule`):
+- "through-min" (the default): freeze up to *and including* the block with the smallest
+  accumulated gradient norm (blocks are 0-indexed, hence the +1), the block judged
+  converged; every decision freezes at least one more block.
+- "below-min": the paper's formula as printed, without the +1: only the blocks below the one with the
+  smallest norm freeze, so none do when the lowest active block has the smallest norm.
 """
 from __future__ import annotations
 
@@ -20,9 +25,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["FreezeState", "decide", "closed_form", "GradNormMeter", "decide_across_world"]
+__all__ = ["MODES", "RULES", "FreezeState", "decide", "closed_form", "GradNormMeter", "decide_across_world"]
 
 MODES = ("off", "schedule", "adaptive")
+RULES = ("through-min", "below-min")
 _EPS = 1e-9  # so that ceil(4.0000000001) from float error stays 4
 
 
@@ -50,14 +56,18 @@ def closed_form(num_blocks: int, alpha: float, decisions: int) -> int:
     return min(num_blocks, _ceil(num_blocks * (1.0 - (1.0 - alpha) ** decisions)))
 
 
-def decide(state: FreezeState, alpha: float, mode: str, grad_norms: Sequence[float] | None = None) -> int:
+def decide(state: FreezeState, alpha: float, mode: str, grad_norms: Sequence[float] | None = None,
+           rule: str = "through-min") -> int:
     """Apply one decision to `state` in place and return the new k.
 
     mode "off": never freeze; "schedule": the cap alone (closed form);
-    "adaptive": the cap and the gradient-norm term (needs grad_norms, one per block).
+    "adaptive": the cap and the gradient-norm term (needs grad_norms, one per block), read
+    by `rule` (module docstring).
     """
     if mode not in MODES:
         raise ValueError(f"freeze mode {mode!r}: choose one of {MODES}")
+    if rule not in RULES:
+        raise ValueError(f"freeze rule {rule!r}: choose one of {RULES}")
     L, k = state.num_blocks, state.frozen
     state.decisions += 1
     if mode == "off" or k >= L:
@@ -71,8 +81,8 @@ def decide(state: FreezeState, alpha: float, mode: str, grad_norms: Sequence[flo
                              f"{None if grad_norms is None else len(grad_norms)}")
         norms = [float(n) for n in grad_norms]
         active = norms[k:]
-        converged = k + min(range(len(active)), key=active.__getitem__)
-        new_k = min(cap, converged + 1)
+        smallest = k + min(range(len(active)), key=active.__getitem__)
+        new_k = min(cap, smallest + 1 if rule == "through-min" else smallest)
     assert new_k >= k
     state.frozen = new_k
     state.budget = budget if new_k == cap else float(new_k)
@@ -129,14 +139,14 @@ class GradNormMeter:
 
 
 def decide_across_world(state: FreezeState, meter: GradNormMeter, alpha: float, mode: str,
-                        comm_device: torch.device) -> int:
+                        comm_device: torch.device, rule: str = "through-min") -> int:
     """One decision for the whole run: the interval's squared norms are summed over every
     process (each block counted once: only replica 0 accumulates), rank 0 decides, every
     rank takes its k. Collective."""
     sq = meter.squared_norms().to(comm_device)
     dist.all_reduce(sq)
     meter.reset()
-    k = torch.tensor([decide(state, alpha, mode, sq.cpu().sqrt().tolist())], device=comm_device)
+    k = torch.tensor([decide(state, alpha, mode, sq.cpu().sqrt().tolist(), rule)], device=comm_device)
     dist.broadcast(k, src=0)
     state.frozen = int(k)
     return state.frozen

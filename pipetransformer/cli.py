@@ -28,7 +28,8 @@ RESUMING = "PIPETRANSFORMER_RESUME"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipetransformer", allow_abbrev=False,
-                                     description="Fine-tune Transformers faster: AutoFreeze + elastic pipelines.")
+                                     description="Fine-tune Transformers faster: AutoFreeze + elastic pipelines.",
+                                     epilog="also: profile, plan, bench (pipetransformer <command> --help)")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="fine-tune a model (or continue a stopped run)", allow_abbrev=False)
     train.add_argument("--config", help="YAML file with sections model, data, train, freeze, "
@@ -298,6 +299,10 @@ def _export(run_dir: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from .commands import COMMANDS  # profile, plan, bench: no torch either
+    from .commands import main as run_command
+    if argv and argv[0] in COMMANDS:
+        return run_command(argv)
     args = build_parser().parse_args(argv)
     worker = "LOCAL_WORLD_SIZE" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ
     try:

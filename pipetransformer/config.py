@@ -102,12 +102,19 @@ class FreezeConfig:
                      "gradient-norm term", ("off", "schedule", "adaptive"))
     alpha: float = _f(1 / 3, "freeze ratio: at most this share of the still active blocks "
                       "freezes at each decision")
+    freeze_rule: str = _f("through-min", "adaptive only: through-min freezes up to and including "
+                          "the active block with the smallest gradient norm (at least one block per "
+                          "decision); below-min is the paper's formula as printed, freezing only the "
+                          "blocks below it (none when the lowest active block has the smallest norm)",
+                          ("through-min", "below-min"))
 
     def __post_init__(self):
         if self.freeze not in ("off", "schedule", "adaptive"):
             raise _bad("freeze", self.freeze, "choose off, schedule or adaptive")
         if not 0 < self.alpha < 1:
             raise _bad("alpha", self.alpha, "use a ratio between 0 and 1, e.g. 0.333")
+        if self.freeze_rule not in ("through-min", "below-min"):
+            raise _bad("freeze_rule", self.freeze_rule, "choose through-min or below-min")
 
 
 @dataclass

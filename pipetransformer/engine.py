@@ -135,7 +135,8 @@ class Trainer:
             rec["transition_seconds"] = rec["cache_seconds"] = 0.0
             if epoch + 1 < cfg.train.epochs:
                 fc = cfg.freeze
-                frozen = decide_across_world(self.freeze, self.meter, fc.alpha, fc.freeze, self.comm_device)
+                frozen = decide_across_world(self.freeze, self.meter, fc.alpha, fc.freeze, self.comm_device,
+                                             fc.freeze_rule)
                 new = next_plan(self.plans, p, frozen)
                 if (new.frozen, new.layout) != (p.frozen, p.layout):
                     rec.update(self._transition(new))

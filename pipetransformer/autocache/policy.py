@@ -1,7 +1,8 @@
 """When to cache and how: pure decisions, tested alone."""
 from __future__ import annotations
 
-__all__ = ["should_cache", "cache_wanted", "cache_warning", "storage_dtype", "host_budget"]
+__all__ = ["should_cache", "cache_wanted", "cache_warning", "storage_dtype", "host_budget", "tier_rows",
+           "tier_name"]
 
 
 def should_cache(prefix_seconds: float, read_seconds: float) -> bool:
@@ -36,3 +37,18 @@ def storage_dtype(choice: str, device_type: str) -> str:
 def host_budget(host_bytes: int, host_fraction: float, available_bytes: int) -> int:
     """Bytes of host memory the cache may use: an explicit count, else a share of what is free."""
     return host_bytes or int(host_fraction * available_bytes)
+
+
+def tier_rows(num_rows: int, row_bytes: int, device_budget: int, host_budget: int) -> list[tuple[str, int, int]]:
+    """(tier, first row, end row) of a level: rows fill the device budget, then the host
+    budget, and the rest goes to disk; empty tiers are left out."""
+    on_device = min(num_rows, device_budget // row_bytes)
+    on_host = min(num_rows - on_device, host_budget // row_bytes)
+    bounds = [("device", 0, on_device), ("host", on_device, on_device + on_host),
+              ("disk", on_device + on_host, num_rows)]
+    return [(tier, start, stop) for tier, start, stop in bounds if stop > start]
+
+
+def tier_name(tiers: list[tuple[str, int, int]]) -> str:
+    """What metrics.jsonl calls a level's placement: "host", "device+host", "host+disk"."""
+    return "+".join(tier for tier, _, _ in tiers)

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ..timing import best_seconds
+from .policy import tier_name, tier_rows
 
 __all__ = ["ActivationCache", "available_host_bytes", "remove_orphans", "SHM_DIR"]
 
@@ -66,7 +67,7 @@ class _Level:
 
     @property
     def tier(self) -> str:
-        return "+".join(p.tier for p in self.parts if p.stop > p.start)
+        return tier_name([(p.tier, p.start, p.stop) for p in self.parts])
 
 
 class ActivationCache:
@@ -95,16 +96,9 @@ class ActivationCache:
     def open_level(self, k: int) -> None:
         """Allocate the level for k frozen blocks (collective over the run's processes)."""
         assert self.level is None, "one level at a time: advance() moves it to a new k"
-        rows_dev = 0
-        if self.device.type == "cuda":
-            rows_dev = min(self.num_rows, self.device_budget // self.row_bytes)
-        rows_host = min(self.num_rows - rows_dev, self.host_budget // self.row_bytes)
-        bounds = [("device", 0, rows_dev), ("host", rows_dev, rows_dev + rows_host),
-                  ("disk", rows_dev + rows_host, self.num_rows)]
+        device_budget = self.device_budget if self.device.type == "cuda" else 0
         parts = []
-        for tier, start, stop in bounds:
-            if stop <= start:
-                continue
+        for tier, start, stop in tier_rows(self.num_rows, self.row_bytes, device_budget, self.host_budget):
             if tier == "device":
                 data, path = torch.empty((stop - start, *self.row_shape), dtype=self.dtype,
                                          device=self.device), None

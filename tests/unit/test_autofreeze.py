@@ -87,3 +87,26 @@ def test_meter_sums_gradient_vectors_over_the_interval():
     assert meter.squared_norms().tolist() == [0.0, 4.0]
     meter.reset()
     assert meter.squared_norms().tolist() == [0.0, 0.0]
+
+
+def test_below_min_reading_keeps_the_block_with_the_smallest_norm_active():
+    norms = [5.0] * 12
+    norms[1] = 0.1  # block 1 smallest: through-min freezes 0 and 1, below-min only block 0
+    assert decide(FreezeState(12), 1 / 3, "adaptive", norms, "through-min") == 2
+    below = FreezeState(12)
+    assert decide(below, 1 / 3, "adaptive", norms, "below-min") == 1
+    assert below.budget == 1.0  # the cap restarts from k, as when the gradient term binds
+    # the lowest active block has the smallest norm: no new freeze under below-min
+    norms = [9.0] * 12
+    norms[1] = 0.2
+    assert decide(below, 1 / 3, "adaptive", norms, "below-min") == 1
+    assert decide(FreezeState(12), 1 / 3, "adaptive", [0.1] + [9.0] * 11, "below-min") == 0
+
+
+@pytest.mark.parametrize("rule", ["through-min", "below-min"])
+def test_both_readings_follow_the_cap_when_the_top_block_has_the_smallest_norm(rule):
+    state = FreezeState(6)
+    got = [decide(state, 1 / 3, "adaptive", [6.0, 5.0, 4.0, 3.0, 2.0, 1.0], rule) for _ in range(4)]
+    assert got == [closed_form(6, 1 / 3, t) for t in range(1, 5)] == [2, 4, 5, 5]
+    with pytest.raises(ValueError, match="freeze rule"):
+        decide(FreezeState(6), 0.5, "adaptive", [1.0] * 6, "sideways")

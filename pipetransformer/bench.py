@@ -1,0 +1,371 @@
+"""`pipetransformer bench`: the paper's ablation side by side, over seeds, with the planner's
+prediction of every epoch next to the measured one.
+
+Every configuration is a real `pipetransformer train` run in its own process (torchrun for
+more than one process), with the same data, seeds and processes; the bench reads back each
+run folder's metrics.jsonl and summary.json. The helpers that turn runs into rows, tables
+and speedups are pure and tested alone; `run_bench` starts the processes. No torch here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import Config, apply_overrides
+from .errors import ConfigError
+
+__all__ = ["Variant", "VARIANTS", "DEFAULT_ROWS", "Preset", "PRESETS", "TARGET_MARGIN", "elapsed", "train_seconds",
+           "mean_curve", "time_to_target", "summarize", "format_table", "markdown_table", "check_targets",
+           "format_predictions", "plot_bench", "run_bench"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    description: str
+    overrides: dict
+
+
+VARIANTS = {
+    "a1": Variant("fixed pipeline over all processes (GPipe), no freezing", {"freeze": "off", "elastic": False}),
+    "a2": Variant("data parallel, no freezing", {"freeze": "off", "stages": 1}),
+    "b": Variant("freeze only, fixed layout", {"elastic": False, "cache": "off"}),
+    "c": Variant("freeze + AutoPipe + AutoDP", {"cache": "off"}),
+    "d": Variant("freeze + AutoPipe + AutoDP + AutoCache", {}),
+    "d-through-min": Variant("d with --freeze-rule through-min", {"freeze_rule": "through-min"}),
+    "d-below-min": Variant("d with --freeze-rule below-min (the paper's argmin)", {"freeze_rule": "below-min"}),
+}
+DEFAULT_ROWS = ("a1", "a2", "b", "c", "d")
+
+@dataclass(frozen=True)
+class Preset:
+    seeds: int
+    config: dict
+
+
+# Sized on this project's 2-core CPU machine (2 processes, one thread each; about 20 s of each
+# run is starting processes and loading). small is a smoke test: few rows (12 steps, so a
+# larger learning rate to learn anything), and the alpha schedule so that every row's layout
+# is known (c and d end on 1 stage x 2 replicas).
+PRESETS = {
+    "default": Preset(2, {"model": "minilm-l6", "data": "rotten-tomatoes", "train_samples": 1024, "eval_samples": 0,
+                          "max_length": 48, "epochs": 4, "batch_size": 32, "nproc": 2}),
+    "small": Preset(1, {"model": "minilm-l6", "data": "rotten-tomatoes", "train_samples": 128, "eval_samples": 128,
+                        "max_length": 32, "epochs": 3, "batch_size": 32, "lr": 1e-3, "nproc": 2,
+                        "freeze": "schedule", "alpha": 0.5}),
+}
+TARGET_MARGIN = 0.003  # time to accuracy: a2's mean final accuracy minus 0.3 points
+
+
+# --- pure: runs -> rows ------------------------------------------------------------------
+
+def elapsed(records: Sequence[dict]) -> list[float]:
+    """Training time when each epoch's evaluation starts: the epochs so far and the
+    transitions between them (evaluation itself is left out, as in epoch_seconds)."""
+    out, total = [], 0.0
+    for i, r in enumerate(records):
+        total += r["epoch_seconds"] + (records[i - 1]["transition_seconds"] if i else 0.0)
+        out.append(total)
+    return out
+
+
+def train_seconds(records: Sequence[dict]) -> float:
+    """Epochs and every transition: the training time a configuration costs."""
+    return sum(r["epoch_seconds"] + r["transition_seconds"] for r in records)
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def mean_curve(runs: Sequence[Sequence[dict]]) -> tuple[list[float], list[float]]:
+    """(mean elapsed training time, mean validation accuracy) per epoch over seeds."""
+    times = [elapsed(r) for r in runs]
+    return ([statistics.fmean(t[e] for t in times) for e in range(len(times[0]))],
+            [statistics.fmean(r[e]["val_accuracy"] for r in runs) for e in range(len(runs[0]))])
+
+
+def time_to_target(runs: Sequence[Sequence[dict]], target: float) -> float | None:
+    """Training time at the first epoch whose accuracy, averaged over seeds, reaches `target`;
+    None if none does."""
+    times, accuracy = mean_curve(runs)
+    return next((t for t, a in zip(times, accuracy) if a >= target - 1e-12), None)
+
+
+def _ratio(base: float | None, x: float | None) -> float | None:
+    return base / x if base is not None and x else None
+
+
+def summarize(runs: dict[str, list[list[dict]]], totals: dict[str, list[float]]) -> dict:
+    """Rows (one per configuration, in the order given) from each run's metrics records and
+    total seconds (summary.json), and the accuracy target (None without an a2 row)."""
+    target = None
+    if "a2" in runs:
+        target = statistics.fmean(r[-1]["val_accuracy"] for r in runs["a2"]) - TARGET_MARGIN
+    rows: dict[str, dict[str, Any]] = {}
+    for name, rs in runs.items():
+        final, best = _mean_std([r[-1]["val_accuracy"] for r in rs]), _mean_std([max(x["val_accuracy"] for x in r)
+                                                                                for r in rs])
+        train = _mean_std([train_seconds(r) for r in rs])
+        transitions = statistics.fmean(sum(x["transition_seconds"] for x in r) for r in rs)
+        rows[name] = {
+            "seeds": len(rs), "final_accuracy": final[0], "final_accuracy_std": final[1],
+            "best_accuracy": best[0], "best_accuracy_std": best[1],
+            "total_seconds": statistics.fmean(totals[name]), "train_seconds": train[0], "train_seconds_std": train[1],
+            "transition_seconds": transitions, "transition_share": transitions / train[0],
+            "time_to_target": time_to_target(rs, target) if target is not None else None,
+            "epoch_seconds": [statistics.fmean(r[e]["epoch_seconds"] for r in rs) for e in range(len(rs[0]))],
+            "frozen_layers": [[x["frozen_layers"] for x in r] for r in rs],  # per seed: adaptive may differ
+            "layouts": [[f"{x['stages']}x{x['replicas']}" for x in r] for r in rs],
+        }
+    for row in rows.values():
+        for base in ("a1", "a2"):
+            if base in rows:
+                row[f"speedup_over_{base}"] = _ratio(rows[base]["train_seconds"], row["train_seconds"])
+                row[f"tta_speedup_over_{base}"] = _ratio(rows[base]["time_to_target"], row["time_to_target"])
+    return {"target_accuracy": target, "rows": rows}
+
+
+def _fmt(x: float | None, spec: str, none: str = "-") -> str:
+    return none if x is None else format(x, spec)
+
+
+_COLUMNS = ("config", "final acc %", "best acc %", "train s", "total s", "to target s", "transitions s (%)",
+            "vs a1 time", "vs a1 to target", "vs a2 time", "vs a2 to target", "frozen per epoch", "layout per epoch")
+
+
+def _cells(name: str, row: dict) -> list[str]:
+    return [name, f"{100 * row['final_accuracy']:.2f} ± {100 * row['final_accuracy_std']:.2f}",
+            f"{100 * row['best_accuracy']:.2f} ± {100 * row['best_accuracy_std']:.2f}",
+            f"{row['train_seconds']:.1f}", f"{row['total_seconds']:.1f}", _fmt(row["time_to_target"], ".1f", "never"),
+            f"{row['transition_seconds']:.1f} ({100 * row['transition_share']:.1f})",
+            *(_fmt(row.get(key), ".2f") + ("x" if row.get(key) else "")
+              for key in ("speedup_over_a1", "tta_speedup_over_a1", "speedup_over_a2", "tta_speedup_over_a2")),
+            _distinct([",".join(map(str, t)) for t in row["frozen_layers"]]),
+            _distinct([",".join(t) for t in row["layouts"]])]
+
+
+def _distinct(per_seed: list[str]) -> str:
+    return " / ".join(dict.fromkeys(per_seed))
+
+
+def format_table(summary: dict) -> str:
+    """The table `bench` prints: rows a1, a2, b, c, d (as run), speedups in columns."""
+    table = [list(_COLUMNS)] + [_cells(n, r) for n, r in summary["rows"].items()]
+    widths = [max(len(line[i]) for line in table) for i in range(len(_COLUMNS))]
+    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+             for line in table]
+    target = summary["target_accuracy"]
+    if target is not None:
+        lines.append(f"target: {100 * target:.2f} % (a2's mean final accuracy minus "
+                     f"{100 * TARGET_MARGIN:.1f} points); times are training time (epochs + transitions)")
+    return "\n".join(lines)
+
+
+TARGETS = {"tta_speedup": 2.5, "accuracy_gap": TARGET_MARGIN, "transition_share": 0.02}  # issue 10
+
+
+def check_targets(summary: dict, row: str = "d") -> list[str]:
+    """The issue's targets for `row`: time to accuracy over a1, final accuracy against a2,
+    transitions' share of training time; each line says met or by how much it is missed."""
+    rows = summary["rows"]
+    if row not in rows or "a1" not in rows or "a2" not in rows:
+        return [f"targets: need rows a1, a2 and {row}"]
+    r, lines = rows[row], []
+    tta = r.get("tta_speedup_over_a1")
+    lines.append(f"{row} over a1 in time to accuracy: " + ("never reaches the target" if tta is None else
+                 f"{tta:.2f}x" + (" (target 2.5x: met)" if tta >= TARGETS["tta_speedup"] else
+                                  f" (target 2.5x: missed by {TARGETS['tta_speedup'] - tta:.2f}x)")))
+    gap = rows["a2"]["final_accuracy"] - r["final_accuracy"]  # > 0: below a2
+    lines.append(f"{row}'s mean final accuracy against a2's: {-100 * gap:+.2f} points" +
+                 (" (target: at most 0.3 below: met)" if gap <= TARGETS["accuracy_gap"] + 1e-12 else
+                  f" (target: at most 0.3 below: missed by {100 * (gap - TARGETS['accuracy_gap']):.2f} points)"))
+    share = max(x["transition_share"] for x in rows.values())
+    worst = max(rows, key=lambda n: rows[n]["transition_share"])
+    lines.append(f"transitions: at most {100 * share:.1f} % of training time ({worst})" +
+                 (" (target 2 %: met)" if share <= TARGETS["transition_share"] else
+                  f" (target 2 %: missed by {100 * (share - TARGETS['transition_share']):.1f} points)"))
+    return lines
+
+
+def markdown_table(summary: dict) -> str:
+    lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+    lines += ["| " + " | ".join(_cells(n, r)) + " |" for n, r in summary["rows"].items()]
+    return "\n".join(lines)
+
+
+def format_predictions(summary: dict, predicted: dict[str, list[float]]) -> str:
+    lines = ["epoch seconds, measured (mean over seeds) / planned, and the plan's error:"]
+    for name, row in summary["rows"].items():
+        pairs = zip(row["epoch_seconds"], predicted[name])
+        lines.append(f"  {name:<14}" + "  ".join(f"{m:6.1f}/{p:6.1f} ({100 * (p - m) / m:+4.0f}%)" for m, p in pairs))
+    return "\n".join(lines)
+
+
+def plot_bench(summary: dict, curves: dict[str, tuple[list[float], list[float]]],
+               predicted: dict[str, list[float]], path: Path) -> None:
+    """Accuracy against training time, frozen blocks with the layout, epoch time measured
+    against planned."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["rows"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    for i, (name, row) in enumerate(rows.items()):
+        times, accuracy = curves[name]
+        line, = axes[0].plot(times, [100 * a for a in accuracy], "o-", label=name)
+        epochs = range(1, len(row["epoch_seconds"]) + 1)
+        shift = (i - (len(rows) - 1) / 2) * 0.06
+        frozen = row["frozen_layers"][0]  # the first seed's
+        axes[1].plot([e + shift for e in epochs], frozen, "o-", color=line.get_color(), label=name)
+        for e, k, layout in zip(epochs, frozen, row["layouts"][0]):
+            axes[1].annotate(layout, (e + shift, k), textcoords="offset points", xytext=(0, 5 + 7 * (i % 2)),
+                             ha="center", fontsize=7, color=line.get_color())
+        axes[2].plot(epochs, row["epoch_seconds"], "o-", color=line.get_color(), label=f"{name} measured")
+        axes[2].plot(epochs, predicted[name], "x--", color=line.get_color(), label=f"{name} planned")
+    if summary["target_accuracy"] is not None:
+        axes[0].axhline(100 * summary["target_accuracy"], ls=":", color="gray", label="target")
+    axes[0].set(title="validation accuracy (mean over seeds)", xlabel="training time (s)", ylabel="%")
+    axes[1].set(title="frozen blocks per epoch, first seed (labels: stages x replicas)", xlabel="epoch",
+                ylabel="blocks")
+    axes[2].set(title="epoch time: measured (o) and planned (x)", xlabel="epoch", ylabel="s")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    for ax in axes[1:]:
+        ax.set_xticks(range(1, len(next(iter(rows.values()))["epoch_seconds"]) + 1))
+    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- the processes -----------------------------------------------------------------------
+
+def _machine() -> dict:
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = "?"
+    return {"host": platform.node(), "platform": platform.platform(), "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
+            "torch": torch_version}
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pipetransformer", *args]
+
+
+def _run(cmd: list[str], log: Path) -> None:
+    with open(log, "w") as f:
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if rc:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
+        raise RuntimeError(f"`{' '.join(cmd[1:])}` failed (exit {rc}); its output, {log}, ends:\n{tail}")
+
+
+def _train(cfg: Config, run_dir: Path, logs: Path, say: Callable[[str], None]) -> tuple[list[dict], float, list]:
+    """One configuration and seed: a `pipetransformer train` process, or the finished run
+    folder of an interrupted bench (only if it ran this very configuration). Returns its
+    records, total seconds and the machine's load average before and after (other programs
+    on the machine slow a run down: the load says when)."""
+    wanted = {**cfg.to_dict(), "run_dir": str(run_dir)}
+    done = run_dir / "summary.json"
+    load = []
+    if done.exists():
+        if yaml.safe_load((run_dir / "config.yaml").read_text()) != wanted:
+            raise ConfigError(f"--out: {run_dir} holds a run of other settings; pass a new --out")
+        say(f"{run_dir.name}: finished earlier, read back")
+    else:
+        if run_dir.exists():  # interrupted: this bench's own folder, started again
+            import shutil
+            shutil.rmtree(run_dir)
+        config_file = logs / f"{run_dir.name}.yaml"
+        config_file.write_text(yaml.safe_dump(wanted, sort_keys=False))
+        began, load = time.perf_counter(), [os.getloadavg()[0]]
+        _run(_cli("train", "--config", str(config_file)), logs / f"{run_dir.name}.log")
+        load.append(os.getloadavg()[0])
+        say(f"{run_dir.name}: {time.perf_counter() - began:.0f} s (load average {load[0]:.1f} -> {load[1]:.1f})")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return records, json.loads(done.read_text())["total_seconds"], load
+
+
+def run_bench(base: Config, rows: Sequence[str], seeds: int, out: Path, profile_file: str | None,
+              command: str, say: Callable[[str], None] = print) -> dict:
+    """Profile once, run every configuration for every seed (seeds outermost, so a slow
+    spell of the machine touches every configuration alike), then summarize, predict, write
+    bench.json, bench.md and bench.png into `out`. Returns the summary."""
+    from .costs import local_hardware, read_profile
+
+    if (out / "bench.json").exists():
+        raise ConfigError(f"--out={str(out)!r} already holds a finished bench; pass a new --out")
+    configs = {name: apply_overrides(base, VARIANTS[name].overrides) for name in rows}
+    nproc = base.parallel.nproc
+    for name, cfg in configs.items():
+        try:
+            cfg.validate(nproc)
+        except ConfigError as e:
+            raise ConfigError(f"bench row {name}: {e}") from None
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    profile_path = Path(profile_file) if profile_file else out / "profile.json"
+    if not profile_path.exists():
+        say(f"profiling {base.model.model} (batch {base.train.batch_size}, as {nproc} process(es) run it; load "
+            f"average {os.getloadavg()[0]:.1f})")
+        _run(_cli("profile", "--model", base.model.model, "--data", base.data.data, "--max-length",
+                  str(base.model.max_length), "--image-size", str(base.data.image_size), "--batch-size",
+                  str(base.train.batch_size), "--processes", str(nproc), "--out", str(profile_path)),
+             logs / "profile.log")
+    profile = read_profile(profile_path)
+    runs: dict[str, list[list[dict]]] = {name: [] for name in rows}
+    totals: dict[str, list[float]] = {name: [] for name in rows}
+    loads: dict[str, list[list]] = {name: [] for name in rows}
+    for i in range(seeds):
+        seed = base.train.seed + i
+        for name in rows:
+            cfg = apply_overrides(configs[name], {"seed": seed})
+            records, total, load = _train(cfg, out / "runs" / f"{name}-seed{seed}", logs, say)
+            runs[name].append(records)
+            totals[name].append(total)
+            loads[name].append(load)
+    summary = summarize(runs, totals)
+    hardware = local_hardware(profile, nproc)
+    from .planner import simulate  # loads torch (through transition): only now
+
+    def planned(cfg: Config, traces: list[list[int]]) -> list[float]:
+        """Mean over seeds of the plan given the frozen blocks each run measured, so plan
+        and run differ by timing alone."""
+        samples = runs[next(iter(runs))][0][0]["steps"] * cfg.train.batch_size
+        plans = [simulate(profile, hardware, cfg, samples, t, choose_micro_batches=False) for t in traces]
+        return [statistics.fmean(p[e].seconds for p in plans) for e in range(len(plans[0]))]
+    predicted = {name: planned(configs[name], row["frozen_layers"]) for name, row in summary["rows"].items()}
+    for name, row in summary["rows"].items():
+        row["planned_epoch_seconds"] = predicted[name]
+    curves = {name: mean_curve(rs) for name, rs in runs.items()}
+    result = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": _machine(),
+              "profile": str(profile_path), "config": base.to_dict(), "seeds": seeds,
+              "variants": {n: VARIANTS[n].description for n in rows}, **summary, "targets": check_targets(summary),
+              "runs": {n: [{"records": r, "total_seconds": t, "load_average": a}
+                           for r, t, a in zip(runs[n], totals[n], loads[n])] for n in rows}}
+    targets = "".join(f"- {line}\n" for line in result["targets"])
+    (out / "bench.md").write_text(f"`{command}` ({result['date']}, {result['machine']['processor']}, "
+                                  f"{result['machine']['cpus']} CPUs)\n\n{markdown_table(summary)}\n\n{targets}")
+    plot_bench(summary, curves, predicted, out / "bench.png")
+    (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+    say(format_table(summary))
+    say("\n".join(result["targets"]))
+    say(format_predictions(summary, predicted))
+    say(f"wrote {out}/bench.json, bench.md and bench.png")
+    return summary

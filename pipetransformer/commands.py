@@ -1,0 +1,188 @@
+"""`pipetransformer profile | plan | bench`: measure a model here, plan a run on other
+devices, and compare the paper's ablation side by side. `cli.main` hands these commands to
+`main` here; like cli.py, this module imports no torch before a command needs it.
+
+Config fields are flags as in `train` (`--config` reads YAML first); each command takes the
+fields that matter to it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+from .bench import DEFAULT_ROWS, PRESETS, VARIANTS
+from .config import Config, ConfigError, apply_overrides, config_fields, parse_on_off, read_yaml
+from .costs import Hardware
+
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+COMMANDS = ("profile", "plan", "bench")
+_PROFILE_FIELDS = ("model", "data", "max_length", "image_size", "batch_size")
+_PLAN_FIELDS = (*_PROFILE_FIELDS, "train_samples", "val_fraction", "epochs", "freeze", "alpha", "freeze_rule",
+                "stages", "elastic", "schedule", "micro_batches", "balance", "batch_policy", "cache",
+                "cache_host_fraction", "cache_host_bytes", "cache_device_fraction")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipetransformer", allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", required=True)
+    profile = _command(sub, "profile", "time every unit of a model on this machine (forward, backward, "
+                       "optimizer step; activation and parameter bytes) and write a profile file for `plan`")
+    profile.add_argument("--out", default="profile.json", help="the profile file to write (default: profile.json)")
+    profile.add_argument("--processes", type=int, default=1, help="time the units as one of N CPU processes "
+                         "of this machine: N - 1 copies of the model train alongside, every process with "
+                         "cores/N threads as the launcher gives them (default: 1)")
+    profile.add_argument("--busy", action="store_true", help=argparse.SUPPRESS)  # a co-running copy
+    _add_config_flags(profile, _PROFILE_FIELDS)
+
+    plan = _command(sub, "plan", "predict a run's frozen blocks, layouts, micro-batches, cache and epoch "
+                    "times on N devices, and its speedups over a1 and a2")
+    plan.add_argument("--profile", help="a profile file from `pipetransformer profile` (default: profile "
+                      "--model here first)")
+    plan.add_argument("--trace", help="frozen blocks per epoch, e.g. 0,2,4,5 (default: the freeze rule, "
+                      "assuming its gradient term never binds below the alpha cap)")
+    plan.add_argument("--choose-micro-batches", type=_on_off, default=True, metavar="{on,off}",
+                      help="pick each layout's micro-batch count by the cost model (off: the trainer's "
+                      "rule, --micro-batches or 2 x stages) (default: on)")
+    plan.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    for f in dataclasses.fields(Hardware):
+        _add_flag(plan, f, f"[hardware] {f.metadata['help']} (default: {f.default})")
+    _add_config_flags(plan, _PLAN_FIELDS)
+
+    bench = _command(sub, "bench", "run a1 (fixed pipeline), a2 (data parallel), b (freeze), c (+ AutoPipe "
+                     "+ AutoDP), d (+ AutoCache) as real train runs over seeds; table, JSON, markdown, plot")
+    bench.add_argument("--small", action="store_true", help="the 3-minute preset (default preset: about "
+                       "30 minutes on 2 CPU cores); both set model, data, sample counts, max length, epochs, "
+                       "batch and processes, which flags given here override")
+    bench.add_argument("--seeds", type=int, help="seeds per configuration: --seed, --seed + 1, ... "
+                       "(default: 2, or 1 with --small)")
+    bench.add_argument("--out", help="output folder (default: runs/bench-<date>-<time>); a finished bench "
+                       "is never overwritten, an interrupted one continues")
+    bench.add_argument("--configs", default=",".join(DEFAULT_ROWS),
+                       help=f"rows to run, of {', '.join(VARIANTS)} (default: {','.join(DEFAULT_ROWS)})")
+    bench.add_argument("--profile", help="a profile file for the planned epoch times (default: profile here)")
+    _add_config_flags(bench)
+    return parser
+
+
+def _command(sub, name: str, help_text: str) -> argparse.ArgumentParser:
+    command = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
+    command.add_argument("--config", help="YAML file with sections model, data, train, freeze, parallel, "
+                         "cache; flags given here override it")
+    return command
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
+    for section, f in config_fields():
+        if names is None or f.name in names:
+            _add_flag(parser, f, f"[{section}] {f.metadata['help']} (default: {f.default})")
+
+
+def _add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, help_text: str) -> None:
+    flag = "--" + f.name.replace("_", "-")
+    if f.type == "bool":
+        parser.add_argument(flag, type=_on_off, metavar="{on,off}", help=help_text)
+    else:
+        parser.add_argument(flag, type={"int": int, "float": float, "str": str}[str(f.type)],
+                            choices=f.metadata.get("choices"), help=help_text)
+
+
+def _on_off(value: str) -> bool:
+    try:
+        return parse_on_off(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _config(args, preset: dict | None = None) -> Config:
+    """Config defaults, then a preset's fields, then the --config file, then the flags."""
+    raw = read_yaml(args.config) if args.config else {}
+    merged = apply_overrides(Config(), preset or {}).to_dict()
+    for key, values in raw.items():
+        if isinstance(values, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **values}
+        elif values is not None:
+            merged[key] = values
+    cfg = Config.from_dict(merged, source=args.config or "config")
+    return apply_overrides(cfg, {f.name: getattr(args, f.name, None) for _, f in config_fields()})
+
+
+def _profile(args) -> int:
+    from .costs import format_profile, write_profile
+    if args.processes < 1:
+        raise ConfigError(f"--processes={args.processes} is invalid: use 1 or more")
+    from .profiling import keep_busy, measure
+    cfg = _config(args)
+    if args.busy:
+        keep_busy(cfg)
+    profile = measure(cfg, args.processes)
+    write_profile(profile, args.out)
+    print(format_profile(profile))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _plan(args) -> int:
+    import json
+
+    from .config import RunFacts
+    from .costs import read_profile
+    from .data.sources import describe_data, split_sizes
+    cfg = _config(args)
+    hardware = Hardware(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Hardware)
+                           if getattr(args, f.name) is not None})
+    try:
+        trace = [int(k) for k in args.trace.split(",")] if args.trace else None
+    except ValueError:
+        raise ConfigError(f"--trace={args.trace!r} is invalid: give frozen blocks per epoch, e.g. 0,2,4,5") from None
+    d = cfg.data
+    samples = d.train_samples or split_sizes(describe_data(d.data).labels, d.val_fraction, 0, 0)[0]
+    if args.profile:
+        profile = read_profile(args.profile)
+    else:
+        from .profiling import measure
+        profile = measure(cfg)
+    cfg.validate(hardware.devices, RunFacts(profile.modality, profile.modality, len(profile.units), samples))
+    from .planner import format_prediction, predict  # loads torch (through transition): only now
+    prediction = predict(profile, hardware, cfg, samples, trace, args.choose_micro_batches)
+    if args.json:
+        print(json.dumps(prediction.to_dict()))
+    else:
+        nodes = f", {hardware.devices // hardware.node_size} machines" if hardware.devices > hardware.node_size else ""
+        print(format_prediction(prediction, f"{profile.model} ({profile.device_name} profile), {samples} samples, "
+                                f"batch {cfg.train.batch_size}, {hardware.devices} devices{nodes} at speed "
+                                f"{hardware.speed:g}, freeze {cfg.freeze.freeze} alpha {cfg.freeze.alpha:.3g}"))
+    return 0
+
+
+def _bench(args) -> int:
+    from .bench import run_bench
+    preset = PRESETS["small" if args.small else "default"]
+    cfg = _config(args, preset.config)
+    rows = [r.strip() for r in args.configs.split(",") if r.strip()]
+    if not rows or any(r not in VARIANTS for r in rows):
+        raise ConfigError(f"--configs={args.configs!r} is invalid: choose from {', '.join(VARIANTS)}")
+    seeds = preset.seeds if args.seeds is None else args.seeds
+    if seeds < 1:
+        raise ConfigError(f"--seeds={seeds} is invalid: run at least 1 seed")
+    out = Path(args.out or time.strftime("runs/bench-%Y%m%d-%H%M%S"))
+    try:
+        run_bench(cfg, rows, seeds, out, args.profile, args.command_line)
+    except RuntimeError as e:  # a train run failed: its log says why
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """Run `pipetransformer <argv>` for the commands here: exit 2 with one line on bad input."""
+    args = build_parser().parse_args(argv)
+    args.command_line = "pipetransformer " + " ".join(argv)
+    try:
+        return {"profile": _profile, "plan": _plan, "bench": _bench}[args.command](args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
