@@ -146,7 +146,7 @@ def _launch(cfg: Config, resuming: bool) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
     os.environ[LOCK_HELD] = "1"
     os.environ[RESUMING] = "1" if resuming else ""
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="pipetransformer-", delete=False) as f:
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=f"pipetransformer-{os.getpid()}-", delete=False) as f:
         yaml.safe_dump(cfg.to_dict(), f)
     launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=cfg.parallel.max_restarts,
