@@ -249,9 +249,13 @@ def _train(cfg: Config, resuming: bool) -> int:
         return _failed(cfg, rank, e)
     finally:
         distributed.restore_signals(previous)
-        if trainer is not None:
-            trainer.close()
-        distributed.shutdown()
+        if distributed.stopping_signal() is not None:  # exiting now: remove files, skip the teardown
+            if trainer is not None:
+                trainer.cache.close()
+        else:
+            if trainer is not None:
+                trainer.close()
+            distributed.shutdown()
 
 
 def _failed(cfg: Config, rank: int, e: BaseException) -> int:
@@ -311,7 +315,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _config_from_args(args)
         if worker:  # under torchrun: the launcher checked and holds the lock
             restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-            return _train(cfg, resuming=bool(os.environ.get(RESUMING)) or restarted)
+            code = _train(cfg, resuming=bool(os.environ.get(RESUMING)) or restarted)
+            if code in (130, 143):  # stopping: its files are gone; skip the slow interpreter teardown
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+            return code
         cfg.validate(cfg.parallel.nproc)
         lock = None if os.environ.get(LOCK_HELD) else _lock(Path(cfg.run_dir))
         if not args.resume:
