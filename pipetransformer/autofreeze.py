@@ -127,6 +127,16 @@ class GradNormMeter:
     def reset(self) -> None:
         self._sums.clear()
 
+    def named_sums(self) -> dict[str, torch.Tensor]:
+        """The interval's sums so far by parameter name (for checkpoints)."""
+        return {name: g for (_, name), g in self._sums.items()}
+
+    def restore(self, block_params: dict[int, list[tuple[str, torch.Tensor]]],
+                sums: dict[str, torch.Tensor]) -> None:
+        """Take back sums saved by `named_sums` for the blocks this process now owns."""
+        self._sums = {(block, name): sums[name].float().to(p.device)
+                      for block, params in block_params.items() for name, p in params if name in sums}
+
 
 def decide_across_world(state: FreezeState, meter: GradNormMeter, alpha: float, mode: str,
                         comm_device: torch.device, rule: str = "through-min") -> int:

@@ -1,20 +1,29 @@
-"""`pipetransformer train`: every config field is a flag; --config reads YAML first.
+"""`pipetransformer train | export`. Every config field is a flag; --config reads YAML first.
 
-The launcher checks everything it can before any worker starts (config.validate), then runs
-one process itself or re-runs under torchrun with --nproc local processes. Nothing imports
-this module.
+The launcher checks everything it can before any worker starts (config.validate), takes the
+run folder's lock, then trains in this process or starts --nproc workers under torchrun's
+elastic agent (restarts: --max-restarts). Exit codes: 0 done; 2 bad input or a refused
+resume; 1 a failure during training; 130 / 143 stopped by SIGINT / SIGTERM (the line printed
+says how to resume). Nothing imports this module.
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
-import subprocess
 import sys
 import time
+from pathlib import Path
 
 from .config import Config, ConfigError, apply_overrides, config_fields, parse_on_off, read_yaml
 
 __all__ = ["main", "build_parser"]
+
+# flags a resume may change: they move work between processes, never the math
+RESUMABLE = {"nproc", "stages", "schedule", "max_restarts", "comm_timeout", "checkpoint_every",
+             "keep_checkpoints"}
+LOCK_HELD = "PIPETRANSFORMER_LOCK_HELD"  # set for workers: their launcher holds the lock
+RESUMING = "PIPETRANSFORMER_RESUME"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,11 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Fine-tune Transformers faster: AutoFreeze + elastic pipelines.",
                                      epilog="also: profile, plan, bench (pipetransformer <command> --help)")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="fine-tune a model", allow_abbrev=False)
+    train = sub.add_parser("train", help="fine-tune a model (or continue a stopped run)", allow_abbrev=False)
     train.add_argument("--config", help="YAML file with sections model, data, train, freeze, "
-                       "parallel, cache; flags given here override it")
-    train.add_argument("--run-dir", help="output folder: metrics.jsonl, metrics.png, final/ "
+                       "parallel, cache, checkpoint; flags given here override it")
+    train.add_argument("--run-dir", help="output folder: metrics.jsonl, metrics.png, checkpoints/, final/ "
                        "(default: runs/run-<date>-<time>); an existing run is never overwritten")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the stopped run in RUN_DIR from its "
+                       f"newest checkpoint, with its own settings; only {', '.join(sorted(RESUMABLE))} "
+                       "may change")
     for section, f in config_fields():
         flag = "--" + f.name.replace("_", "-")
         help_text = f"[{section}] {f.metadata['help']} (default: {f.default})"
@@ -35,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             train.add_argument(flag, type={"int": int, "float": float, "str": str}[str(f.type)],
                                choices=f.metadata.get("choices"), help=help_text)
+    export = sub.add_parser("export", help="write RUN_DIR/final/ from the run's newest checkpoint",
+                            allow_abbrev=False)
+    export.add_argument("run_dir", metavar="RUN_DIR")
     return parser
 
 
@@ -45,38 +60,245 @@ def _on_off(value: str) -> bool:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _flag_values(args) -> dict:
+    return {f.name: getattr(args, f.name) for _, f in config_fields()}
+
+
 def _config_from_args(args) -> Config:
+    if args.resume:
+        return _resume_config(args)
     raw = read_yaml(args.config) if args.config else {}
     cfg = Config.from_dict(raw, source=args.config or "config")
-    values = {f.name: getattr(args, f.name) for _, f in config_fields()}
-    values["run_dir"] = args.run_dir
-    cfg = apply_overrides(cfg, values)
+    cfg = apply_overrides(cfg, {**_flag_values(args), "run_dir": args.run_dir})
     if not args.run_dir and "run_dir" not in raw:
         cfg.run_dir = time.strftime("runs/run-%Y%m%d-%H%M%S")
     return cfg
 
 
-def _launch(cfg: Config) -> int:
-    """Re-run as `train --config <resolved config>` under torchrun with --nproc local processes.
+def _resume_config(args) -> Config:
+    """The stopped run's own config, with only the flags that keep its math."""
+    run_dir = Path(args.resume)
+    if args.config or args.run_dir:
+        raise ConfigError("--resume takes the run's own config.yaml and folder; drop --config and --run-dir")
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"--resume={args.resume!r}: no config.yaml there, so it holds no run to "
+                          f"continue; pass the folder of a run started with `pipetransformer train`")
+    cfg = Config.from_dict(read_yaml(saved), source=str(saved))
+    given = {k: v for k, v in _flag_values(args).items() if v is not None}
+    for key, value in given.items():
+        section = next(s for s, f in config_fields() if f.name == key)
+        if key not in RESUMABLE and getattr(getattr(cfg, section), key) != value:
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(f"{flag}={value!r} would change the run's math (it has "
+                              f"{getattr(getattr(cfg, section), key)!r}); a resume keeps the run's "
+                              f"settings: drop {flag}, or start a new run")
+    p = cfg.parallel
+    if p.batch_policy == "per-replica":  # the starting layout sets each replica's batch and the LR
+        for key in ("nproc", "stages"):
+            if key in given and given[key] != getattr(p, key):
+                raise ConfigError(f"--{key}={given[key]}: this run keeps each replica's starting "
+                                  f"batch (--batch-policy per-replica), so another layout changes its "
+                                  f"math; resume with --{key} {getattr(p, key)}")
+    elif given.get("nproc", p.nproc) != p.nproc and "stages" not in given:
+        given["stages"] = 0  # the new process count starts as one pipeline, as a new run would
+    return apply_overrides(cfg, {**given, "run_dir": str(run_dir)})
 
-    The resolved config travels as a file: torchrun would otherwise claim flags such as
-    --nproc that prefix its own.
-    """
+
+def _lock(run_dir: Path):
+    """Hold RUN_DIR/.lock for this run's life (the OS drops it when the process dies, however)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(run_dir / ".lock", "a+")
+    except OSError as e:
+        raise ConfigError(f"--run-dir={str(run_dir)!r} cannot be written ({e.strerror}); pass a "
+                          f"folder you can write to") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        raise ConfigError(f"--run-dir={str(run_dir)!r} is in use by another run (pid "
+                          f"{handle.read().strip() or '?'}); wait for it to end or pass another "
+                          f"--run-dir") from None
+    handle.truncate(0)
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def _launch(cfg: Config, resuming: bool) -> int:
+    """Start --nproc workers, each `train --config <resolved config>`, under torchrun's
+    elastic agent; SIGINT / SIGTERM reach every worker, which stop within seconds."""
+    import logging
     import tempfile
+    import uuid
 
     import yaml
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    for name in list(logging.root.manager.loggerDict):  # each sets its own level: we say what happened
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    _stop_workers_promptly()
     n = cfg.parallel.nproc
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="pipetransformer-", delete=False) as f:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    os.environ[LOCK_HELD] = "1"
+    os.environ[RESUMING] = "1" if resuming else ""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=f"pipetransformer-{os.getpid()}-", delete=False) as f:
         yaml.safe_dump(cfg.to_dict(), f)
+    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=cfg.parallel.max_restarts,
+                          monitor_interval=0.2, shutdown_timeout=5)
     try:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-               "-m", "pipetransformer", "train", "--config", f.name]
-        return subprocess.call(cmd, env=env)
+        elastic_launch(launch, sys.executable)("-u", "-m", "pipetransformer", "train", "--config", f.name)
+        return 0
+    except SignalException as e:
+        print(_stopped(cfg), file=sys.stderr)
+        return 128 + int(e.sigval)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        if failure.exitcode == 2:
+            return 2  # rank 0 said why
+        if failure.exitcode in (130, 143):  # a worker was signalled on its own
+            print(_stopped(cfg), file=sys.stderr)
+            return failure.exitcode
+        print(_failure_line(cfg, rank, failure.exitcode), file=sys.stderr)
+        return 1
     finally:
         os.unlink(f.name)
+        for key in (LOCK_HELD, RESUMING):
+            os.environ.pop(key, None)
+
+
+def _stop_workers_promptly() -> None:
+    """torch's agent stops the other workers after a failure with a fixed 30 s grace (its
+    process context closes with the default timeout, and LocalElasticAgent._stop_workers
+    ignores shutdown_timeout): a stopped (SIGSTOP) peer would hold the run 30 s past its
+    error. Use the configured grace (shutdown_timeout) for both."""
+    from torch.distributed.elastic.agent.server import local_elastic_agent
+    from torch.distributed.launcher import api
+
+    class Agent(local_elastic_agent.LocalElasticAgent):
+        def _start_workers(self, worker_group):
+            started = super()._start_workers(worker_group)
+            context, grace = self._pcontext, self._shutdown_timeout
+            assert context is not None
+            close = context.close
+            context.close = lambda death_sig=None, timeout=grace: close(death_sig, min(timeout, grace))  # type: ignore[method-assign]
+            return started
+
+        def _stop_workers(self, worker_group) -> None:
+            self._shutdown(timeout=self._shutdown_timeout)
+
+        def _monitor_workers(self, worker_group):
+            result = super()._monitor_workers(worker_group)
+            if any(f.exitcode in (2, 130, 143) for f in (result.failures or {}).values()):
+                self._remaining_restarts = 0  # bad input or a stop: a restart would meet it again
+            return result
+    api.LocalElasticAgent = Agent  # type: ignore[misc]
+
+
+def _stopped(cfg: Config) -> str:
+    """The line a stopped run ends with: where it stopped and how to go on."""
+    metrics = Path(cfg.run_dir) / "metrics.jsonl"
+    if (Path(cfg.run_dir) / "config.yaml").is_file():
+        done = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+        where = f"during epoch {done + 1}"
+    else:
+        where = "before training started"
+    return f"stopped {where}; resume with: pipetransformer train --resume {cfg.run_dir}"
+
+
+def _resume_hint(cfg: Config) -> str:
+    from .checkpoint import latest
+    last = latest(Path(cfg.run_dir))
+    where = f"the last checkpoint is {last}" if last else "no checkpoint was written yet"
+    return f"{where}; resume with: pipetransformer train --resume {cfg.run_dir}"
+
+
+def _train(cfg: Config, resuming: bool) -> int:
+    """Train in this process (one process, or one worker of many)."""
+    from . import distributed
+    from .autocache.store import remove_orphans
+    from .engine import Trainer
+    previous = distributed.stop_on_signals()
+    rank = int(os.environ.get("RANK", 0))
+    trainer: Trainer | None = None
+    try:
+        if rank == 0:
+            remove_orphans(Path(cfg.run_dir))
+        trainer = Trainer(cfg, resume=resuming)
+        trainer.fit()
+        return 0
+    except BaseException as e:  # noqa: B036 - a signal may surface as any error (DCP wraps it)
+        signum = distributed.stopping_signal()
+        if signum is None and isinstance(e, ConfigError):
+            if rank == 0:
+                print(f"error: {e}", file=sys.stderr)
+            return 2
+        if signum is None and isinstance(e, KeyboardInterrupt):
+            signum = 2
+        if signum is not None:
+            if rank == 0 and not os.environ.get(LOCK_HELD):  # under our launcher, it says it
+                print(_stopped(cfg), file=sys.stderr)
+            return 128 + signum
+        if not isinstance(e, Exception):
+            raise
+        return _failed(cfg, rank, e)
+    finally:
+        distributed.restore_signals(previous)
+        if distributed.stopping_signal() is not None:  # exiting now: remove files, skip the teardown
+            if trainer is not None:
+                trainer.cache.close()
+        else:
+            if trainer is not None:
+                trainer.close()
+            distributed.shutdown()
+
+
+def _failed(cfg: Config, rank: int, e: BaseException) -> int:
+    """One line for a failure during training; it heads RUN/error-rank<R>.log, above the
+    traceback. Under our launcher the launcher prints the line of the first rank that failed
+    (a failure often hits every rank at once), else this process does."""
+    import traceback
+    text = str(e).splitlines()[0][:1000] if str(e) else ""
+    if "timed out" in str(e).lower() or "timeout" in str(e).lower():
+        text = (f"a peer process did not answer within --comm-timeout={cfg.parallel.comm_timeout:g} s "
+                f"(stopped or dead): {text}")
+    log = Path(cfg.run_dir) / f"error-rank{rank}.log"
+    line = f"error (rank {rank}): {type(e).__name__}: {text}; traceback in {log}; {_resume_hint(cfg)}"
+    try:
+        log.write_text(line + "\n\n" + "".join(traceback.format_exception(e)))
+    except OSError:
+        line = line.replace(f"; traceback in {log}", "")
+    if not os.environ.get(LOCK_HELD):
+        print(line, file=sys.stderr)
+    return 1
+
+
+def _failure_line(cfg: Config, rank: int, exitcode: int) -> str:
+    """What the launcher prints for worker `rank` that ended with `exitcode`."""
+    log = Path(cfg.run_dir) / f"error-rank{rank}.log"
+    if exitcode == 1 and log.is_file():
+        return log.read_text().split("\n", 1)[0]
+    cause = f"died of signal {-exitcode}" if exitcode < 0 else f"ended with exit code {exitcode}"
+    return f"error: worker rank {rank} {cause}; {_resume_hint(cfg)}"
+
+
+def _export(run_dir: Path) -> int:
+    from .export import export_final
+    lock = _lock(run_dir)  # not while a run (a resume) prunes its checkpoints
+    try:
+        print(f"wrote {export_final(run_dir)} (Hugging Face format)")
+    except OSError as e:
+        print(f"error: writing {run_dir / 'final'} failed ({e.strerror or e}); free space or fix "
+              f"permissions and run the export again", file=sys.stderr)
+        return 1
+    finally:
+        lock.close()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,34 +308,34 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in COMMANDS:
         return run_command(argv)
     args = build_parser().parse_args(argv)
-    under_torchrun = "LOCAL_WORLD_SIZE" in os.environ
+    worker = "LOCAL_WORLD_SIZE" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ
     try:
+        if args.command == "export":
+            return _export(Path(args.run_dir))
         cfg = _config_from_args(args)
-        if under_torchrun and int(os.environ["LOCAL_WORLD_SIZE"]) != cfg.parallel.nproc:
-            raise ConfigError(f"--nproc={cfg.parallel.nproc} but torchrun started "
-                              f"{os.environ['LOCAL_WORLD_SIZE']} local processes; make them agree")
-        if not under_torchrun:  # the launcher checks; workers check again on what they load
-            cfg.validate(cfg.parallel.nproc)
+        if worker:  # under torchrun: the launcher checked and holds the lock
+            restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+            code = _train(cfg, resuming=bool(os.environ.get(RESUMING)) or restarted)
+            if code in (130, 143):  # stopping: its files are gone; skip the slow interpreter teardown
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+            return code
+        cfg.validate(cfg.parallel.nproc)
+        lock = None if os.environ.get(LOCK_HELD) else _lock(Path(cfg.run_dir))
+        if not args.resume:
+            from .recorder import refuse_used_run_dir
+            refuse_used_run_dir(Path(cfg.run_dir))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if cfg.parallel.nproc > 1 and not under_torchrun:
-        return _launch(cfg)
-    from . import distributed
-    from .engine import Trainer
-    distributed.raise_on_sigterm()  # torchrun stops peers with SIGTERM: clean up on the way out
     try:
-        trainer = Trainer(cfg)
-        try:
-            trainer.fit()
-        finally:
-            trainer.close()
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        if cfg.parallel.nproc > 1:
+            return _launch(cfg, resuming=bool(args.resume))
+        return _train(cfg, resuming=bool(args.resume))
     finally:
-        distributed.shutdown()
-    return 0
+        if lock is not None:
+            lock.close()
 
 
 if __name__ == "__main__":

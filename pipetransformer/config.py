@@ -19,8 +19,8 @@ from .errors import ConfigError
 from .models.catalog import describe_model
 
 __all__ = ["Config", "ModelConfig", "DataConfig", "TrainConfig", "FreezeConfig",
-           "ParallelConfig", "CacheConfig", "ConfigError", "RunFacts", "load_config", "config_fields",
-           "apply_overrides", "parse_on_off", "read_yaml"]
+           "ParallelConfig", "CacheConfig", "CheckpointConfig", "ConfigError", "RunFacts", "load_config",
+           "config_fields", "apply_overrides", "parse_on_off", "read_yaml"]
 
 
 def _f(default, help: str, choices=None):
@@ -55,6 +55,8 @@ class DataConfig:
                       choices=("off", "crop-flip"))
 
     def __post_init__(self):
+        if self.image_size < 1:
+            raise _bad("image_size", self.image_size, "use a positive side in pixels, e.g. 224")
         if self.train_samples < 0:
             raise _bad("train_samples", self.train_samples, "use 0 (all) or a positive count")
         if self.eval_samples < 0:
@@ -89,6 +91,8 @@ class TrainConfig:
             raise _bad("warmup_ratio", self.warmup_ratio, "use a fraction in [0, 1)")
         if self.grad_clip < 0:
             raise _bad("grad_clip", self.grad_clip, "use 0 (off) or a positive norm")
+        if not 0 <= self.seed < 2**32:
+            raise _bad("seed", self.seed, "use a whole number between 0 and 2**32 - 1")
 
 
 @dataclass
@@ -129,8 +133,16 @@ class ParallelConfig:
                            "math as one process); per-replica: each replica keeps the starting "
                            "batch, so the global batch and the LR (linearly) grow with replicas",
                            ("constant", "per-replica"))
+    max_restarts: int = _f(0, "with --nproc 2 or more: restart every worker this many times after "
+                           "a worker fails; each restart resumes from the last checkpoint")
+    comm_timeout: float = _f(300.0, "seconds a process waits on a stopped or dead peer before "
+                             "the run ends with an error")
 
     def __post_init__(self):
+        if self.max_restarts < 0:
+            raise _bad("max_restarts", self.max_restarts, "use 0 (no restarts) or a positive count")
+        if not 1 <= self.comm_timeout <= 86400:
+            raise _bad("comm_timeout", self.comm_timeout, "use between 1 and 86400 seconds")
         if self.nproc < 1:
             raise _bad("nproc", self.nproc, "use at least 1 process")
         if self.stages < 0:
@@ -172,6 +184,18 @@ class CacheConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    checkpoint_every: int = _f(0, "also checkpoint every N training steps (0: at epoch ends only)")
+    keep_checkpoints: int = _f(2, "how many of the newest checkpoints to keep")
+
+    def __post_init__(self):
+        if self.checkpoint_every < 0:
+            raise _bad("checkpoint_every", self.checkpoint_every, "use 0 (epoch ends only) or a step count")
+        if self.keep_checkpoints < 1:
+            raise _bad("keep_checkpoints", self.keep_checkpoints, "keep at least 1 checkpoint")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -179,9 +203,10 @@ class Config:
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run_dir: str = "runs/latest"
 
-    SECTIONS = ("model", "data", "train", "freeze", "parallel", "cache")
+    SECTIONS = ("model", "data", "train", "freeze", "parallel", "cache", "checkpoint")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -202,6 +227,9 @@ class Config:
         if facts.max_positions is not None and m.max_length > facts.max_positions:
             raise _bad("max_length", m.max_length, f"{m.model!r} has {facts.max_positions} positions; "
                        f"use at most {facts.max_positions}")
+        if facts.image_size is not None and d.image_size != facts.image_size:
+            raise _bad("image_size", d.image_size, f"{m.model!r} takes {facts.image_size} x "
+                       f"{facts.image_size} images; use --image-size {facts.image_size}")
         stages = p.stages or world
         if world % stages:
             raise _bad("stages", p.stages, f"it must divide the number of processes ({world}); "
@@ -264,7 +292,8 @@ class RunFacts:
     data_modality: str
     num_units: int       # places the partitioner can cut between (models.base)
     train_rows: int
-    max_positions: int | None = None
+    max_positions: int | None = None  # text: the most tokens the model takes
+    image_size: int | None = None     # image: the side its position embeddings are made for
 
 
 def describe_run(cfg: Config) -> RunFacts:
@@ -273,7 +302,8 @@ def describe_run(cfg: Config) -> RunFacts:
     data = describe_data(cfg.data.data)
     train_rows = split_sizes(data.labels, cfg.data.val_fraction, cfg.data.train_samples,
                              cfg.data.eval_samples)[0]
-    return RunFacts(model.modality, data.modality, model.num_units, train_rows, model.max_positions)
+    return RunFacts(model.modality, data.modality, model.num_units, train_rows, model.max_positions,
+                    model.image_size)
 
 
 def config_fields() -> Iterator[tuple[str, dataclasses.Field]]:
@@ -334,7 +364,7 @@ def read_yaml(path: str | Path) -> dict:
     try:
         raw = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"--config={str(path)!r} is not valid YAML: {e}") from None
+        raise ConfigError(f"--config={str(path)!r} is not valid YAML: {' '.join(str(e).split())}") from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"--config={str(path)!r}: the top level must be a mapping of sections")
     return raw or {}

@@ -1,16 +1,18 @@
-"""Process-group start-up: under torchrun, or a one-process group for a plain call."""
+"""Process-group start-up: under torchrun, or a one-process group for a plain call; how a
+process stops on a signal."""
 from __future__ import annotations
 
 import datetime
 import os
+import signal
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["init", "shutdown", "device_for", "local_rank_world", "sum_over_world", "raise_on_sigterm",
-           "TIMEOUT"]
+__all__ = ["init", "shutdown", "device_for", "local_rank_world", "sum_over_world", "stop_on_signals",
+           "restore_signals", "stopping_signal"]
 
-TIMEOUT = datetime.timedelta(minutes=10)  # a dead peer ends in an error, never a hang
+_stopped_by: list[int] = []  # the signal that is stopping this process, if any
 
 
 def device_for(local_rank: int) -> torch.device:
@@ -25,18 +27,32 @@ def local_rank_world() -> tuple[int, int]:
     return int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
-def init() -> tuple[int, int, torch.device]:
-    """(rank, world size, device). Works with torchrun's variables or none at all."""
+def init(timeout_seconds: float = 300.0) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Works with torchrun's variables or none at all. A peer
+    that stops answering ends every collective with an error after `timeout_seconds`."""
     device = device_for(local_rank_world()[0])
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), device
     backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_seconds)
+    device_id = device if device.type == "cuda" else None
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend, timeout=TIMEOUT, device_id=device if device.type == "cuda" else None)
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        dist.init_process_group(backend, store=_attempt_store(rank, world, timeout), rank=rank,
+                                world_size=world, timeout=timeout, device_id=device_id)
     else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=TIMEOUT,
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout,
+                                device_id=device_id)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:
+    """torchrun's store, with keys private to this attempt: after a restart (--max-restarts)
+    the agent may keep its store, and the failed attempt's addresses would still be there."""
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent_hosts, timeout=timeout)
+    return dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def sum_over_world(t: torch.Tensor, comm_device: torch.device) -> torch.Tensor:
@@ -51,10 +67,23 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def raise_on_sigterm() -> None:
-    """Turn SIGTERM into SystemExit so `finally` blocks (shared-memory cleanup) run."""
-    import signal
-
+def stop_on_signals() -> dict:
+    """SIGTERM and SIGINT become SystemExit(128 + signal), so `finally` blocks (cache files)
+    run; `stopping_signal()` then tells any error that follows apart from a real failure.
+    Returns the handlers it replaced (for `restore_signals`)."""
+    _stopped_by.clear()
     def handler(signum, frame):
-        raise SystemExit(128 + signum)
-    signal.signal(signal.SIGTERM, handler)
+        if not _stopped_by:
+            _stopped_by.append(signum)
+            raise SystemExit(128 + signum)
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def restore_signals(previous: dict) -> None:
+    """Training is over: a signal has nothing left to stop (and must not raise in shutdown)."""
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def stopping_signal() -> int | None:
+    return _stopped_by[0] if _stopped_by else None

@@ -18,10 +18,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import distributed
+from . import checkpoint, distributed
 from .autocache import AutoCache
 from .autodp import Topology, average_gradients, lr_scale, replica_rows
 from .autofreeze import FreezeState, GradNormMeter, decide_across_world
+from .autopipe import next_stage_count
 from .config import Config, RunFacts, apply_overrides
 from .data.augment import crop_flip
 from .data.dataset import Dataset, load_data
@@ -30,7 +31,7 @@ from .data.sources import describe_data
 from .models.base import StagedModel
 from .models.loading import load_model
 from .recorder import Recorder
-from .runtime import RuntimeEnv, build_runtime, clip_grad_norm, profile_units, unit_costs
+from .runtime import RuntimeEnv, build_runtime, clip_grad_norm, profile_on_rank0, unit_costs
 from .transition import PlanInputs, TransitionPlan, apply, gather_weights, next_plan, plan
 
 __all__ = ["Trainer", "fine_tune", "lr_factor"]
@@ -47,9 +48,11 @@ class Trainer:
     """Fine-tunes a StagedModel with AutoFreeze, AutoPipe, AutoDP and AutoCache."""
 
     def __init__(self, config: Config, model: StagedModel | None = None,
-                 data: tuple[Dataset, Dataset] | None = None, progress: bool = True):
+                 data: tuple[Dataset, Dataset] | None = None, progress: bool = True, resume: bool = False):
+        """`resume`: continue the run in `config.run_dir` from its newest checkpoint (or from
+        the start if it has none)."""
         cfg = self.cfg = config
-        self.rank, self.world, self.device = distributed.init()
+        self.rank, self.world, self.device = distributed.init(cfg.parallel.comm_timeout)
         self.comm_device = self.device if self.device.type == "cuda" else torch.device("cpu")
         torch.manual_seed(cfg.train.seed)
         if model is None:
@@ -58,11 +61,12 @@ class Trainer:
         self.model = model
         if not cfg.train.dropout:
             _disable_dropout(model.hf_model)
-        self.train_data, self.val_data = data or load_data(cfg.data, model, cfg.model.max_length,
-                                                           cfg.train.seed)
+        self.train_data, self.val_data = data or load_data(cfg.data, model, cfg.model.max_length, cfg.train.seed)
         # the same checks the launcher made, now on the model and data actually loaded
-        cfg.validate(self.world, RunFacts(model.modality, model.modality, len(model.units),
-                                          len(self.train_data)))
+        fixed_size = model.modality == "image" and model.hf_model.config.model_type != "dinov2"
+        image_size = getattr(model.hf_model.config, "image_size", None) if fixed_size else None
+        cfg.validate(self.world, RunFacts(model.modality, model.modality, len(model.units), len(self.train_data),
+                                          image_size=image_size))
         self.recorder = Recorder(cfg, self.rank, progress)
         self.freeze, self.meter = FreezeState(model.num_blocks), GradNormMeter(model.num_blocks)
         self.sampler = BatchSampler(len(self.train_data), cfg.train.seed)
@@ -70,44 +74,62 @@ class Trainer:
         self.plans = PlanInputs(unit_costs(model), self.world, pc.stages or self.world, pc.elastic,
                                 t.batch_size, pc.batch_policy, pc.micro_batches)
         if pc.balance == "time":
-            self.plans = dataclasses.replace(self.plans, units=unit_costs(model, self._profile()))
+            rows = torch.arange(min(len(self.train_data), plan(self.plans, 0, self.plans.start_stages).replica_batch))
+            seconds = profile_on_rank0(model, model.inputs(self.train_data.batch(rows)), self.device,
+                                       self.recorder.log)
+            self.plans = dataclasses.replace(self.plans, units=unit_costs(model, seconds))
         self.env = RuntimeEnv(model, Topology(self.world, self.rank), self.device, self.comm_device,
                               t.lr, t.weight_decay, pc.schedule, t.dropout)
-        self.rt = build_runtime(plan(self.plans, 0, self.plans.start_stages), self.env, {})
         self.cache = AutoCache(cfg.cache, cfg.data.augment, model, self.train_data, self.device,
                                self.recorder.run_dir, t.batch_size, self.recorder.log)
-        self.samples_seen = 0
+        self.samples_seen, self.records = 0, list[dict]()
         self.total_samples = t.epochs * self.sampler.steps(t.batch_size) * t.batch_size
+        self.fingerprint = checkpoint.fingerprint(cfg, self.train_data.label_names, model.num_blocks)
+        self.epoch, self.first_step, self.partial = 0, 0, dict[str, list]()
+        self.resumed, found = resume, checkpoint.latest(self.recorder.run_dir) if resume else None
+        if found is None:
+            self.rt = build_runtime(plan(self.plans, 0, self.plans.start_stages), self.env, {})
+        else:
+            self._resume(found)
 
-    def _profile(self) -> dict[str, tuple[float, float]]:
-        """Time every unit on one replica batch (rank 0); every rank balances by the result."""
-        seconds: list = [None]
-        if self.rank == 0:
-            rows = torch.arange(min(len(self.train_data), plan(self.plans, 0, self.plans.start_stages).replica_batch))
-            began = time.perf_counter()
-            seconds = [profile_units(self.model, self.model.inputs(self.train_data.batch(rows)), self.device)]
-            self.recorder.log(f"balance by time: {len(seconds[0])} units profiled in "
-                              f"{time.perf_counter() - began:.2f} s on {self.device.type}")
-        dist.broadcast_object_list(seconds, src=0)
-        return seconds[0]
+    def _resume(self, path) -> None:
+        """Continue from checkpoint `path`: freeze state, layout (re-planned for this number of
+        processes), weights, Adam state, gradient sums, position, metrics; the cache refills."""
+        snap = checkpoint.read_manifest(path)
+        checkpoint.check_fingerprint(path, snap.fingerprint, self.fingerprint)
+        self.freeze.load_state_dict(snap.freeze)
+        frozen, p = self.freeze.frozen, self.plans
+        stages = snap.stages if snap.world == self.world else next_stage_count(
+            p.units, frozen, p.start_stages, self.world, p.budget, p.elastic)
+        self.rt = build_runtime(plan(p, frozen, stages), self.env, {})
+        checkpoint.restore(path, self.model, self.rt, self.meter, snap.world == self.world)
+        self.samples_seen, self.records = snap.samples_seen, snap.records
+        self.epoch, self.first_step, self.partial = snap.epoch, snap.step, snap.partial
+        self.cache.on_freeze(0, frozen, self.rt)
+        self.recorder.log(f"resumed from {path} (epoch {snap.epoch + 1}, step {snap.step}) on "
+                          f"{self.world} process(es), layout {self.rt.layout}")
+
+    def _checkpoint(self, epoch: int, step: int, partial: dict | None = None) -> None:
+        """Save where training stands: the next step to run is (epoch, step). Collective."""
+        snap = checkpoint.Snapshot(epoch, step, self.samples_seen, self.freeze.state_dict(), self.records,
+                                   partial or {}, self.world, self.rt.layout.stages, self.fingerprint)
+        tensors = checkpoint.owned_tensors(self.model, self.rt, self.meter)
+        checkpoint.save(self.recorder.run_dir, tensors, snap, self.cfg.checkpoint.keep_checkpoints)
 
     # --- the run ---------------------------------------------------------------------------
     def fit(self) -> list[dict]:
         cfg, log = self.cfg, self.recorder.log
-        self.recorder.start()
-        log(f"pipetransformer: {len(self.train_data)} train / {len(self.val_data)} val samples, "
+        self.recorder.start(self.resumed, self.records, [
+            f"pipetransformer: {len(self.train_data)} train / {len(self.val_data)} val samples, "
             f"{self.model.num_blocks} blocks, {self.world} process(es), device {self.device.type}, "
             f"layout {self.rt.layout} ({self.rt.plan.units_per_stage()} units per stage), "
-            f"freeze={cfg.freeze.freeze} alpha={cfg.freeze.alpha:.3g}")
-        warning = self.cache.warning()
-        if warning:
-            log(warning)
+            f"freeze={cfg.freeze.freeze} alpha={cfg.freeze.alpha:.3g}", self.cache.warning()])
         fit_start = time.perf_counter()
-        records = []
-        for epoch in range(cfg.train.epochs):
+        for epoch in range(self.epoch, cfg.train.epochs):
+            self.epoch = epoch
             p = self.rt.plan
             rec: dict = {"epoch": epoch + 1, "frozen_layers": p.frozen, "total_layers": self.model.num_blocks,
-                   "stages": p.layout.stages, "replicas": p.layout.replicas, "micro_batches": p.micro_batches}
+                         "stages": p.layout.stages, "replicas": p.layout.replicas, "micro_batches": p.micro_batches}
             rec.update(self.train_epoch(epoch))
             rec.update(self.evaluate())
             rec["transition_seconds"] = rec["cache_seconds"] = 0.0
@@ -123,20 +145,20 @@ class Trainer:
                         f"{new.units_per_stage()} active units per stage "
                         f"({rec['transition_seconds']:.2f} s)")
             rec["frozen_after"] = self.freeze.frozen
-            records.append(rec)
+            self.records.append(rec)
             self.recorder.epoch(rec)
+            self._checkpoint(epoch + 1, 0)
         gather_weights(self.rt, self.env)  # every trained weight to rank 0, which saves them
-        self.recorder.finish(self.model, records, time.perf_counter() - fit_start, self.rt.layout)
+        self.recorder.finish(self.model, self.records, time.perf_counter() - fit_start, self.rt.layout)
         dist.barrier()
-        return records
+        return self.records
 
     def _transition(self, new: TransitionPlan) -> dict[str, float]:
-        self.rt, seconds = apply(new, self.rt, self.env, self.cache, self.samples_seen > 0)
+        self.rt, seconds = apply(new, self.rt, self.env, self.cache, has_state=self.samples_seen > 0)
         return seconds
 
     def freeze_to(self, frozen: int) -> float:
-        """Apply a freeze decision by hand (benchmarks): the same path AutoFreeze takes, layout
-        compression included. Returns the transition's seconds."""
+        """Freeze by hand (benchmarks) along AutoFreeze's path; the transition's seconds."""
         if not self.rt.frozen <= frozen <= self.model.num_blocks:
             raise ValueError(f"frozen={frozen}: must lie in [{self.rt.frozen}, {self.model.num_blocks}] "
                              f"(frozen blocks never thaw)")
@@ -145,45 +167,61 @@ class Trainer:
 
     # --- one epoch -------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict:
-        """One pass over the training data in the current layout; its measurements."""
-        rt, layout = self.rt, self.rt.layout
+        """One pass over the training data in the current layout (from the resumed step on, if
+        any); its measurements."""
+        rt, layout, every = self.rt, self.rt.layout, self.cfg.checkpoint.checkpoint_every
         batch_size = rt.plan.replica_batch * layout.replicas
         steps = self.sampler.steps(batch_size)
         order = self.sampler.epoch_order(epoch)
+        first, done = (self.first_step, self.partial) if epoch == self.epoch else (0, {})
+        self.first_step, self.partial = 0, {}
         losses = []
-        bar = self.recorder.bar(steps, f"epoch {epoch + 1}/{self.cfg.train.epochs}")
+        bar = self.recorder.bar(steps, f"epoch {epoch + 1}/{self.cfg.train.epochs}", first)
         prefetch = rt.is_first and self.cache.active(rt)
         self.cache.reset_counters()
         start = time.perf_counter()
-        for step in range(steps):
-            rows = replica_rows(order, step, batch_size, rt.replica, layout.replicas)
-            if prefetch and step + 1 < steps:  # read the next batch's entries during this step
-                self.cache.prefetch(replica_rows(order, step + 1, batch_size, rt.replica, layout.replicas))
-            losses.append(self._train_step(self._train_batch(rows, epoch)))
-            self.samples_seen += batch_size
+        try:
+            for step in range(first, steps):
+                rows = replica_rows(order, step, batch_size, rt.replica, layout.replicas)
+                if prefetch and step + 1 < steps:  # read the next batch's entries during this step
+                    self.cache.prefetch(replica_rows(order, step + 1, batch_size, rt.replica, layout.replicas))
+                losses.append(self._train_step(self._train_batch(rows, epoch)))
+                self.samples_seen += batch_size
+                if bar is not None:
+                    bar.update(1)
+                    if rt.is_last and (step % 10 == 0 or step + 1 == steps):  # reading the loss syncs
+                        bar.set_postfix(loss=f"{float(losses[-1]):.4f}", lr=f"{self._lr():.2e}")
+                if every and (step + 1) % every == 0 and step + 1 < steps:
+                    self._checkpoint(epoch, step + 1, self._epoch_stats(done, losses, start, layout.replicas))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+        finally:
             if bar is not None:
-                bar.update(1)
-                if rt.is_last and (step % 10 == 0 or step + 1 == steps):  # reading the loss syncs
-                    bar.set_postfix(loss=f"{float(losses[-1]):.4f}", lr=f"{self._lr():.2e}")
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        if bar is not None:
-            bar.close()
-        # only last stages hold losses: a sum over the world is a sum over replicas
-        step_losses = distributed.sum_over_world(torch.stack([x.double().cpu() for x in losses]),
-                                                 self.comm_device) / layout.replicas
+                bar.close()  # also on errors: their line starts on a clean line
+        stats = self._epoch_stats(done, losses, start, layout.replicas)
+        seconds, step_losses = stats["seconds"], stats["step_losses"]
+        return {"cache_hits": stats["cache_hits"], "cache_bytes": stats["cache_bytes"],
+                "cache_tier": stats["cache_tier"],
+                "train_loss": float(torch.tensor(step_losses, dtype=torch.float64).mean()),
+                "step_losses": step_losses, "epoch_seconds": seconds,
+                "samples_per_second": steps * batch_size / seconds, "steps": steps}
+
+    def _epoch_stats(self, done: dict, losses: list[torch.Tensor], start: float, replicas: int) -> dict:
+        """The epoch so far, over every process (collective): per-step losses (averaged over
+        the global batch; only last stages hold losses, so a sum over the world is one over
+        replicas), seconds and cache hits, added to what a resumed epoch had `done`."""
+        step_losses = distributed.sum_over_world(torch.tensor([float(x) for x in losses], dtype=torch.float64),
+                                                 self.comm_device) / replicas
         stats = self.cache.stats()
         hits = distributed.sum_over_world(torch.tensor([float(stats["cache_hits"])]), self.comm_device)
-        stats["cache_hits"] = int(hits[0])
-        return {**stats, "train_loss": float(step_losses.mean()), "step_losses": step_losses.tolist(),
-                "epoch_seconds": seconds, "samples_per_second": steps * batch_size / seconds, "steps": steps}
+        return {**stats, "step_losses": done.get("step_losses", []) + step_losses.tolist(),
+                "seconds": done.get("seconds", 0.0) + time.perf_counter() - start,
+                "cache_hits": done.get("cache_hits", 0) + int(hits[0])}
 
     def _train_batch(self, rows: torch.Tensor, epoch: int) -> dict:
-        batch = self.train_data.batch(rows)
+        batch, n = self.train_data.batch(rows), len(self.train_data)
         if self.cfg.data.augment == "crop-flip":
-            batch["pixel_values"] = crop_flip(batch["pixel_values"], rows, len(self.train_data),
-                                              epoch, self.cfg.train.seed)
+            batch["pixel_values"] = crop_flip(batch["pixel_values"], rows, n, epoch, self.cfg.train.seed)
         return batch
 
     def _train_step(self, batch: dict) -> torch.Tensor:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 from .config import Config
 from .errors import ConfigError
 
-__all__ = ["Recorder", "plot_metrics"]
+__all__ = ["Recorder", "plot_metrics", "refuse_used_run_dir", "save_final"]
 
 
 class Recorder:
@@ -22,22 +23,28 @@ class Recorder:
         if self.rank == 0:
             print(*msg, flush=True)
 
-    def start(self) -> None:
-        """Claim the run folder and write the resolved config (an existing run is refused)."""
+    def start(self, resumed: bool, records: list[dict], header: list[str | None]) -> None:
+        """Claim the run folder: a new run takes an empty or absent one and writes the resolved
+        config; a resumed run rewrites metrics.jsonl to the epochs its checkpoint holds. Then
+        the header lines (None: nothing to say)."""
         if self.rank != 0:
             return
-        if (self.run_dir / "metrics.jsonl").exists() or (self.run_dir / "final").exists():
-            raise ConfigError(f"--run-dir={str(self.run_dir)!r} already holds a run; nothing was "
-                              f"overwritten. Pass a new --run-dir or move that folder away")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        import yaml
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        if not resumed:
+            refuse_used_run_dir(self.run_dir)
+        if not resumed or not (self.run_dir / "config.yaml").exists():  # a restart before any epoch
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            import yaml
+            _write_atomically(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        _write_atomically(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        for line in header:
+            if line:
+                self.log(line)
 
-    def bar(self, total: int, desc: str):
+    def bar(self, total: int, desc: str, initial: int = 0):
         if not self.progress:
             return None
         from tqdm.auto import tqdm
-        return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=False)
+        return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, leave=False)
 
     def epoch(self, rec: dict) -> None:
         """One epoch's record: a log line, and a line of metrics.jsonl."""
@@ -52,20 +59,56 @@ class Recorder:
                 f.write(json.dumps(rec) + "\n")
 
     def finish(self, model, records: list[dict], seconds: float, layout) -> None:
-        """final/ (Hugging Face format), metrics.png and summary.json."""
+        """final/ (Hugging Face format, written under a temporary name and renamed), metrics.png
+        and summary.json."""
         if self.rank != 0:
             return
-        final = self.run_dir / "final"
-        model.hf_model.to("cpu").save_pretrained(final)
-        if model.processor is not None:
-            model.processor.save_pretrained(final)
+        try:
+            save_final(model, self.run_dir)
+        except OSError as e:
+            from .checkpoint import latest
+            raise RuntimeError(f"saving {self.run_dir / 'final'} failed ({e.strerror or e}); the last good "
+                               f"checkpoint is {latest(self.run_dir)}; once the cause is fixed, write "
+                               f"final/ from it with: pipetransformer export {self.run_dir}") from e
         plot_metrics(records, self.run_dir / "metrics.png")
         summary = {"val_accuracy": records[-1]["val_accuracy"], "total_seconds": seconds,
                    "epochs": len(records), "final_frozen_layers": records[-1]["frozen_after"],
                    "final_layout": f"{layout}"}
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _write_atomically(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         self.log(f"done in {seconds:.1f} s: val_accuracy {summary['val_accuracy']:.4f}; wrote "
                  f"{self.run_dir}/metrics.jsonl, metrics.png and final/ (Hugging Face format)")
+
+
+def refuse_used_run_dir(run_dir: Path) -> None:
+    """A new run never writes into a folder that holds another run, finished or stopped."""
+    if (run_dir / "final").exists():
+        raise ConfigError(f"--run-dir={str(run_dir)!r} already holds a finished run; nothing was "
+                          f"overwritten. Pass a new --run-dir or move that folder away")
+    if any((run_dir / name).exists() for name in ("config.yaml", "metrics.jsonl", "checkpoints")):
+        raise ConfigError(f"--run-dir={str(run_dir)!r} already holds a stopped run; nothing was "
+                          f"overwritten. Continue it with: pipetransformer train --resume {run_dir} "
+                          f"(or pass a new --run-dir)")
+
+
+def save_final(model, run_dir: Path) -> None:
+    """Write final/ atomically: a folder that exists is complete."""
+    from transformers import logging as hf_logging
+    hf_logging.disable_progress_bar()  # one shard: a bar would only clutter the log
+    tmp, final = run_dir / ".final-tmp", run_dir / "final"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.hf_model.to("cpu").save_pretrained(tmp)
+    if model.processor is not None:
+        model.processor.save_pretrained(tmp)
+    if not (tmp / "config.json").is_file():  # save_pretrained logs some failures without raising
+        raise OSError(f"{tmp} could not be written")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _open_fds() -> int:

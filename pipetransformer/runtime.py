@@ -5,6 +5,7 @@ Built by `build_runtime(plan, env, opt_state)`; rebuilt only by transition.apply
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -23,7 +24,7 @@ if TYPE_CHECKING:  # transition.apply builds runtimes: the import runs the other
     from .transition import TransitionPlan
 
 __all__ = ["Runtime", "RuntimeEnv", "UnitSequence", "build_runtime", "clip_grad_norm", "profile_units",
-           "unit_costs"]
+           "profile_on_rank0", "unit_costs"]
 
 
 class UnitSequence(nn.Module):
@@ -186,3 +187,15 @@ def profile_units(model: StagedModel, inputs: tuple, device) -> dict[str, tuple[
             with torch.no_grad():
                 x = run(False)
     return out
+
+
+def profile_on_rank0(model: StagedModel, inputs: tuple, device, log) -> dict[str, tuple[float, float]]:
+    """`profile_units` on rank 0, shared with every rank so that all balance alike. Collective."""
+    seconds: list = [None]
+    if dist.get_rank() == 0:
+        began = time.perf_counter()
+        seconds = [profile_units(model, inputs, device)]
+        log(f"balance by time: {len(seconds[0])} units profiled in {time.perf_counter() - began:.2f} s "
+            f"on {torch.device(device).type}")
+    dist.broadcast_object_list(seconds, src=0)
+    return seconds[0]

@@ -15,7 +15,7 @@ blocks k..k'-1 and is written back over itself (`advance`): the blocks keep the 
 the level moves to k' in place, with no second copy alive and the same budgets. The next
 batch's entries are read ahead on a background thread while the current step computes.
 
-Files are removed by `close()`, at exit, and on SIGTERM (see distributed.raise_on_sigterm).
+Files are removed by `close()`, at exit, and on SIGTERM (see distributed.stop_on_signals).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import torch
 from ..timing import best_seconds
 from .policy import tier_name, tier_rows
 
-__all__ = ["ActivationCache", "available_host_bytes", "SHM_DIR"]
+__all__ = ["ActivationCache", "available_host_bytes", "remove_orphans", "SHM_DIR"]
 
 SHM_DIR = Path("/dev/shm")
 
@@ -186,7 +186,7 @@ class ActivationCache:
         if len(hit_pos):
             out.index_copy_(0, hit_pos.to(self.device, non_blocking=True), cached.to(out_dtype))
         if len(miss_pos):
-            values = compute(miss_pos)
+            values = compute(miss_pos).to(self.dtype)  # as a later read will give it back
             out.index_copy_(0, miss_pos.to(self.device, non_blocking=True), values.to(out_dtype))
             self._write(rows[miss_pos], values)
         self.hits += len(hit_pos)
@@ -234,3 +234,16 @@ class ActivationCache:
             os.rmdir(self.disk_dir)
         except OSError:
             pass
+
+
+def remove_orphans(run_dir: Path) -> list[Path]:
+    """Remove cache files of this machine whose owning process is gone (a run killed with -9
+    cannot clean up): in /dev/shm, and the disk tier in `run_dir`. Returns what went."""
+    host, gone = socket.gethostname(), []
+    for folder in (SHM_DIR, run_dir / "cache"):
+        for path in folder.glob("pipetransformer-*.bin") if folder.is_dir() else []:
+            pid = path.name.split("-")[1]
+            if f"-{host}-" in path.name and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                path.unlink(missing_ok=True)
+                gone.append(path)
+    return gone

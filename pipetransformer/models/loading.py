@@ -7,6 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from disk only
 
 import torch  # noqa: E402
 
+from ..errors import ConfigError  # noqa: E402
 from .base import StagedModel  # noqa: E402
 from .catalog import VISION_FAMILIES, describe_model, resolve_model_path  # noqa: E402
 from .text import wrap_text_model  # noqa: E402
@@ -39,20 +40,27 @@ def load_model(spec: str, num_labels: int, seed: int = 0, label_names: list[str]
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized head" warnings are expected here
     try:
-        if config.model_type in VISION_FAMILIES:
-            from transformers import AutoImageProcessor, AutoModelForImageClassification
-            model = AutoModelForImageClassification.from_pretrained(
-                path, config=config, local_files_only=True, ignore_mismatched_sizes=True)
-            try:
-                processor = AutoImageProcessor.from_pretrained(path, local_files_only=True, use_fast=False)
-            except OSError:
-                processor = None
-        else:
-            from transformers import AutoModelForSequenceClassification, AutoTokenizer
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, config=config, local_files_only=True, ignore_mismatched_sizes=True)
-            processor = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return _load(path, config)
+    except Exception as e:  # truncated or garbage weights, a broken tokenizer: the folder is at fault
+        detail = " ".join(str(e).split())[:200]
+        raise ConfigError(f"--model={spec!r}: {path} cannot be loaded ({type(e).__name__}: {detail}); "
+                          f"save the model again with save_pretrained") from None
     finally:
         hf_logging.set_verbosity(verbosity)
-    return wrap_model(model, processor)
 
+
+def _load(path, config) -> StagedModel:
+    """The Hugging Face classifier with a fresh head, and its tokenizer or image processor."""
+    if config.model_type in VISION_FAMILIES:
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
+        model = AutoModelForImageClassification.from_pretrained(
+            path, config=config, local_files_only=True, ignore_mismatched_sizes=True)
+        try:
+            processor = AutoImageProcessor.from_pretrained(path, local_files_only=True, use_fast=False)
+        except OSError:
+            processor = None
+        return wrap_model(model, processor)
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, config=config, local_files_only=True, ignore_mismatched_sizes=True)
+    return wrap_model(model, AutoTokenizer.from_pretrained(path, local_files_only=True))

@@ -35,5 +35,5 @@ def test_tiny_run_writes_metrics_plot_and_a_loadable_model(tmp_path, tiny_bert, 
     # the same run folder again: refused, and nothing in it is touched
     before = (run / "metrics.jsonl").read_bytes()
     again = run_cli(*args)
-    assert again.returncode == 2 and "already holds a run" in again.stderr
+    assert again.returncode == 2 and "already holds a finished run" in again.stderr
     assert (run / "metrics.jsonl").read_bytes() == before

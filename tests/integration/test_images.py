@@ -6,22 +6,14 @@ import json
 import numpy as np
 import pytest
 
-from conftest import assert_same_training, run_cli
+from conftest import assert_same_training, make_vit_folder, run_cli
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def tiny_vit(tmp_path_factory):
-    import torch
-    import transformers
-    folder = tmp_path_factory.mktemp("tiny-vit")
-    torch.manual_seed(0)
-    cfg = transformers.ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=4,
-                                 num_attention_heads=4, intermediate_size=64, num_labels=3)
-    transformers.ViTForImageClassification(cfg).save_pretrained(folder)
-    transformers.ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(folder)
-    return folder
+    return make_vit_folder(tmp_path_factory.mktemp("tiny-vit"), layers=4, num_labels=3, processor=True)
 
 
 def _images(n=90, seed=0):

@@ -8,17 +8,17 @@ import torch
 
 from pipetransformer.autofreeze import FreezeState, GradNormMeter, closed_form, decide
 
-# SPEC.md, L = 12
-SPEC = {1 / 3: [0, 4, 7, 9, 10, 11, 11, 12], 1 / 4: [0, 3, 6, 7, 9, 10, 10, 11, 11, 12],
+# the closed form k_T = ceil(L (1 - (1 - alpha)^T)) for L = 12, worked out by hand
+CLOSED_FORM = {1 / 3: [0, 4, 7, 9, 10, 11, 11, 12], 1 / 4: [0, 3, 6, 7, 9, 10, 10, 11, 11, 12],
         1 / 2: [0, 6, 9, 11, 12], 1 / 5: [0, 3, 5, 6, 8, 9, 9, 10, 10, 11]}
 
 
-@pytest.mark.parametrize("alpha", sorted(SPEC))
-def test_schedule_mode_reproduces_the_closed_form_of_the_spec(alpha):
+@pytest.mark.parametrize("alpha", sorted(CLOSED_FORM))
+def test_schedule_mode_reproduces_the_closed_form(alpha):
     state = FreezeState(12)
-    seq = [0] + [decide(state, alpha, "schedule") for _ in range(len(SPEC[alpha]) - 1)]
-    assert seq == SPEC[alpha]
-    assert [closed_form(12, alpha, t) for t in range(len(seq))] == SPEC[alpha]
+    seq = [0] + [decide(state, alpha, "schedule") for _ in range(len(CLOSED_FORM[alpha]) - 1)]
+    assert seq == CLOSED_FORM[alpha]
+    assert [closed_form(12, alpha, t) for t in range(len(seq))] == CLOSED_FORM[alpha]
 
 
 @pytest.mark.parametrize("num_blocks", [6, 12, 24])

@@ -1,0 +1,189 @@
+"""Faults and signals: a signal stops every process within seconds with one line (and the run
+resumes), a killed worker is restarted from the last checkpoint with the same result, a
+stopped peer ends the run within --comm-timeout, one run folder serves one run at a time,
+and cache files of dead runs are removed."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from pipetransformer.autocache.store import SHM_DIR
+
+from conftest import assert_same_training, make_vit_folder, run_cli
+
+pytestmark = pytest.mark.integration
+
+COMMON = ["--freeze", "schedule", "--alpha", "0.2", "--batch-size", "16", "--train-samples", "0",
+          "--max-length", "16", "--dropout", "off", "--seed", "3", "--lr", "3e-3", "--checkpoint-every", "2"]
+
+
+def _start(run_dir, model, data, *extra) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "pipetransformer", "train", "--model", str(model),
+                             "--data", str(data), "--run-dir", str(run_dir), *COMMON, *extra],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(condition, proc, seconds=120):
+    deadline = time.time() + seconds
+    while not condition():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, "timed out waiting"
+        time.sleep(0.1)
+
+
+def _checkpoints(run_dir):
+    return sorted((run_dir / "checkpoints").glob("step-*"))
+
+
+def _samples_saved(run_dir) -> int:
+    """Samples seen at the newest checkpoint (0: none yet); older ones are pruned."""
+    found = _checkpoints(run_dir)
+    return int(found[-1].name.split("-")[1]) if found else 0
+
+
+def _children(pid):
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _worker(launcher_pid, rank):
+    for pid in _children(launcher_pid):
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return pid
+    raise AssertionError(f"no worker of rank {rank} under {launcher_pid}")
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def _lines(text):
+    return [line for line in text.replace("\r", "\n").splitlines() if line.strip() and "step/s" not in line]
+
+
+@pytest.mark.parametrize("nproc, sig", [("2", signal.SIGTERM), ("1", signal.SIGINT)])
+def test_a_signal_stops_every_process_with_one_line_and_the_run_resumes(tmp_path, tiny_bert, tiny_csv, nproc, sig):
+    run = tmp_path / "run"
+    proc = _start(run, tiny_bert, tiny_csv, "--epochs", "400", "--nproc", nproc, "--cache", "on")
+    _wait_for(lambda: len(_checkpoints(run)) >= 2, proc)
+    workers = _children(proc.pid)
+    sent = time.time()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    seconds = time.time() - sent
+    assert proc.returncode == 128 + sig, err[-3000:]
+    assert seconds < 5, f"took {seconds:.1f} s to stop"
+    lines = _lines(err)
+    assert len(lines) == 1 and lines[0].startswith("stopped during epoch "), lines
+    assert f"resume with: pipetransformer train --resume {run}" in lines[0]
+    time.sleep(0.5)
+    assert not any(_alive(p) for p in workers)
+    ours = {f"pipetransformer-{pid}-" for pid in [*workers, proc.pid]}  # cache files are named by rank 0's pid
+    assert not [f for f in SHM_DIR.glob("pipetransformer-*") if any(f.name.startswith(o) for o in ours)]
+    assert not list((run / "cache").glob("*"))
+    assert not list(Path(tempfile.gettempdir()).glob(f"pipetransformer-{proc.pid}-*.yaml"))  # the launcher's config
+    # the stopped run continues from its last checkpoint (its settings: 400 epochs; end it early)
+    out = run_cli("train", "--resume", str(run), "--epochs", "2")
+    assert out.returncode == 2 and "--epochs=2 would change the run's math" in out.stderr
+
+
+def test_a_killed_worker_restarts_from_the_last_checkpoint_with_the_same_result(tmp_path, tiny_bert, tiny_csv):
+    args = ["--epochs", "6", "--nproc", "2", "--cache", "off"]
+    ref = run_cli("train", "--model", str(tiny_bert), "--data", str(tiny_csv), "--run-dir", str(tmp_path / "ref"),
+                  *COMMON, *args)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    run = tmp_path / "run"
+    proc = _start(run, tiny_bert, tiny_csv, *args, "--max-restarts", "1")
+    _wait_for(lambda: _samples_saved(run) >= 48, proc)  # three checkpoints in (of 16 rows each)
+    os.kill(_worker(proc.pid, 1), signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "resumed from" in out
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(1, 7))
+    ref_records = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    assert_same_training((ref_records, load_file(tmp_path / "ref" / "final" / "model.safetensors")),
+                         (records, load_file(run / "final" / "model.safetensors")), tol=1e-6)
+
+
+def test_a_stopped_peer_ends_the_run_within_the_comm_timeout(tmp_path, tiny_bert, tiny_csv):
+    run = tmp_path / "run"
+    proc = _start(run, tiny_bert, tiny_csv, "--epochs", "400", "--nproc", "2", "--comm-timeout", "5")
+    _wait_for(lambda: len(_checkpoints(run)) >= 1, proc)
+    peer = _worker(proc.pid, 1)
+    os.kill(peer, signal.SIGSTOP)
+    stopped = time.time()
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if _alive(peer):
+            os.kill(peer, signal.SIGKILL)
+    assert proc.returncode == 1
+    assert time.time() - stopped < 5 + 15  # the timeout, then at most the workers' 5 s grace and start-up noise
+    lines = _lines(err)
+    assert len(lines) == 1 and "did not answer within --comm-timeout=5 s" in lines[0], lines
+    assert f"resume with: pipetransformer train --resume {run}" in lines[0]
+
+
+def test_one_run_folder_serves_one_run_at_a_time(tmp_path, tiny_bert, tiny_csv):
+    run = tmp_path / "run"
+    first = _start(run, tiny_bert, tiny_csv, "--epochs", "400")
+    try:
+        _wait_for(lambda: (run / "config.yaml").exists(), first)
+        start = time.time()
+        second = run_cli("train", "--resume", str(run))
+        assert second.returncode == 2 and "is in use by another run" in second.stderr
+        assert time.time() - start < 10
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_cache_files_of_dead_runs_are_removed_at_start(tmp_path, tiny_bert, tiny_csv):
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that is gone
+    orphan = SHM_DIR / f"pipetransformer-{dead.pid}-1-{socket.gethostname()}-host.bin"
+    orphan.write_bytes(b"\0" * 64)
+    alive = SHM_DIR / f"pipetransformer-{os.getpid()}-1-{socket.gethostname()}-host.bin"
+    alive.write_bytes(b"\0" * 64)
+    try:
+        out = run_cli("train", "--model", str(tiny_bert), "--data", str(tiny_csv), "--run-dir", str(tmp_path / "r"),
+                      *COMMON, "--epochs", "1")
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert not orphan.exists() and alive.exists()
+    finally:
+        orphan.unlink(missing_ok=True)
+        alive.unlink(missing_ok=True)
+
+
+def test_bad_input_found_by_the_workers_is_printed_once(tmp_path, tiny_bert):
+    """A broken image only shows when the workers decode it: both fail, one line, exit 2."""
+    import numpy as np
+    from PIL import Image
+    vit = make_vit_folder(tmp_path / "vit")
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(np.full((16, 16), 20 * i, np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
+    (tmp_path / "imgs" / "b" / "4.png").write_bytes(b"not an image")
+    out = run_cli("train", "--model", str(vit), "--data", str(tmp_path / "imgs"), "--image-size", "16",
+                  "--batch-size", "4", "--nproc", "2", "--run-dir", str(tmp_path / "run"))
+    lines = _lines(out.stderr)
+    assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
+    assert "4.png cannot be read" in lines[0] and "Traceback" not in out.stderr

@@ -1,0 +1,145 @@
+"""Every bad input ends the same way: one line naming the field or file, the value and the
+fix; exit code 2; no traceback; nothing written. One row per case; docs/BAD_INPUT.md lists
+the same cases (checked below)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipetransformer.cli import main
+
+from conftest import make_csv, make_model_folder, make_vit_folder
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    return make_model_folder(tmp_path_factory.mktemp("bert"), layers=2)
+
+
+@pytest.fixture(scope="module")
+def vit(tmp_path_factory):
+    return make_vit_folder(tmp_path_factory.mktemp("vit"))
+
+
+def _model_copy(src: Path, dest: Path, drop=(), replace=None) -> Path:
+    shutil.copytree(src, dest)
+    for name in drop:
+        (dest / name).unlink()
+    for name, data in (replace or {}).items():
+        (dest / name).write_bytes(data)
+    return dest
+
+
+def _images(folder: Path, broken: bool = False) -> Path:
+    from PIL import Image
+    for c in ("a", "b"):
+        (folder / c).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(np.full((16, 16), 30 * i, np.uint8)).save(folder / c / f"{i}.png")
+    if broken:
+        (folder / "a" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return folder
+
+
+def _npz(path: Path, x, y=None) -> Path:
+    np.savez(path, x=x, y=np.arange(len(x)) % 2 if y is None else y)
+    return path
+
+
+# (case id, argv builder given (tmp, bert, vit, csv), words the line must hold)
+CASES = [
+    ("seed-negative", lambda t, b, v, c: ["--seed", "-1"], ["--seed=-1", "between 0 and"]),
+    ("image-size-zero", lambda t, b, v, c: ["--image-size", "0"], ["--image-size=0", "positive"]),
+    ("epochs-zero", lambda t, b, v, c: ["--epochs", "0"], ["--epochs=0", "at least 1"]),
+    ("comm-timeout-zero", lambda t, b, v, c: ["--comm-timeout", "0"], ["--comm-timeout=0.0", "seconds"]),
+    ("csv-not-utf8", lambda t, b, v, c: ["--model", str(b), "--data", _write(t / "l1.csv", "text,label\ncaf\xe9,1\n".encode("latin-1"))],
+     ["is not UTF-8", "l1.csv"]),
+    ("csv-random-bytes", lambda t, b, v, c: ["--model", str(b), "--data", _write(t / "r.csv", bytes(range(256)) * 4)],
+     ["r.csv", "UTF-8"]),
+    ("csv-missing-column", lambda t, b, v, c: ["--model", str(b), "--data", _write(t / "m.csv", b"text,stars\ngood,5\n")],
+     ["m.csv", "lacks column", "label"]),
+    ("data-missing", lambda t, b, v, c: ["--data", str(t / "nope.csv")], ["nope.csv", "not a built-in name"]),
+    ("npz-random-bytes", lambda t, b, v, c: ["--model", str(v), "--image-size", "16", "--data", _write(t / "r.npz", b"junk" * 50)],
+     ["r.npz", "not a readable .npz"]),
+    ("npz-bad-shape", lambda t, b, v, c: ["--model", str(v), "--image-size", "16", "--data", str(_npz(t / "s.npz", np.zeros((8, 4, 4, 5))))],
+     ["s.npz", "x has shape (8, 4, 4, 5)"]),
+    ("npz-nan", lambda t, b, v, c: ["--model", str(v), "--image-size", "16", "--data",
+                                   str(_npz(t / "n.npz", np.where(np.arange(8)[:, None, None] == 5, np.nan, np.zeros((8, 4, 4)))))],
+     ["n.npz", "image 5 holds NaN"]),
+    ("image-corrupt", lambda t, b, v, c: ["--model", str(v), "--image-size", "16", "--batch-size", "4",
+                                          "--data", str(_images(t / "imgs", broken=True))],
+     ["3.png", "cannot be read"]),
+    ("image-size-mismatch", lambda t, b, v, c: ["--model", str(v), "--image-size", "32", "--data", str(_images(t / "imgs2"))],
+     ["--image-size=32", "use --image-size 16"]),
+    ("text-data-for-image-model", lambda t, b, v, c: ["--model", str(v), "--image-size", "16", "--data", str(c)],
+     ["this is text data", "image model"]),
+    ("model-missing", lambda t, b, v, c: ["--model", str(t / "none")], ["--model=", "config.json"]),
+    ("model-config-corrupt", lambda t, b, v, c: ["--model", str(_model_copy(b, t / "m", replace={"config.json": b"{oops"})), "--data", str(c)],
+     ["config.json", "not a Hugging Face config"]),
+    ("model-without-tokenizer", lambda t, b, v, c: ["--model", str(_model_copy(b, t / "m", drop=["vocab.txt", "tokenizer.json", "tokenizer_config.json"])),
+                                                    "--data", str(c)], ["has no tokenizer"]),
+    ("model-without-weights", lambda t, b, v, c: ["--model", str(_model_copy(b, t / "m", drop=["model.safetensors"])), "--data", str(c)],
+     ["has no weights"]),
+    ("model-weights-garbage", lambda t, b, v, c: ["--model", str(_model_copy(b, t / "m", replace={"model.safetensors": b"\0" * 100})),
+                                                  "--data", str(c), "--max-length", "16"], ["cannot be loaded", "save the model again"]),
+    ("model-weights-truncated", lambda t, b, v, c: ["--model", str(_model_copy(b, t / "m", replace={
+        "model.safetensors": (b / "model.safetensors").read_bytes()[:5000]})), "--data", str(c), "--max-length", "16"],
+     ["cannot be loaded"]),
+    ("max-length-over-positions", lambda t, b, v, c: ["--model", str(b), "--data", str(c), "--max-length", "64"],
+     ["--max-length=64", "40 positions"]),
+    ("training-split-empty", lambda t, b, v, c: ["--model", str(b), "--max-length", "16", "--data", _write(t / "two.csv", b"text,label\ngood,1\nbad,0\n")],
+     ["--batch-size=32", "training set (0 samples)"]),
+    ("run-dir-uncreatable", lambda t, b, v, c: ["--model", str(b), "--data", str(c), "--max-length", "16",
+                                                "--run-dir", str(Path(_write(t / "file", b"x")) / "run")], ["cannot be written"]),
+    ("run-dir-is-a-file", lambda t, b, v, c: ["--model", str(b), "--data", str(c), "--max-length", "16",
+                                              "--run-dir", _write(t / "afile", b"x")], ["afile", "cannot be written"]),
+    ("stages-not-dividing", lambda t, b, v, c: ["--nproc", "4", "--stages", "3"], ["--stages=3", "must divide"]),
+    ("batch-not-divisible", lambda t, b, v, c: ["--nproc", "2", "--batch-size", "33"], ["--batch-size=33", "multiple of 2"]),
+    ("yaml-unknown-key", lambda t, b, v, c: ["--config", _write(t / "c.yaml", b"train: {epoks: 3}\n")], ["epoks", "known keys"]),
+    ("yaml-float-epochs", lambda t, b, v, c: ["--config", _write(t / "c.yaml", b"train: {epochs: 1.7}\n")], ["--epochs=1.7", "int"]),
+    ("yaml-broken", lambda t, b, v, c: ["--config", _write(t / "c.yaml", b"train: [\n")], ["c.yaml", "not valid YAML"]),
+    ("resume-no-run", lambda t, b, v, c: ["--resume", str(t)], ["--resume=", "no config.yaml"]),
+]
+
+
+def _write(path: Path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
+
+
+@pytest.mark.parametrize("case, argv, words", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gets_one_line_exit_2_and_nothing_written(tmp_path, bert, vit, case, argv, words, capsys):
+    csv = make_csv(tmp_path / "reviews.csv", rows=40)
+    args = argv(tmp_path, bert, vit, csv)
+    run = tmp_path / "run-out"
+    if "--run-dir" not in args and "--resume" not in args:
+        args += ["--run-dir", str(run)]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code = main(["train", *args])
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert code == 2 and len(lines) == 1, captured.err
+    assert "Traceback" not in captured.err + captured.out
+    assert all(w in lines[0] for w in words), lines[0]
+    assert not (run / "config.yaml").exists() and not (run / "metrics.jsonl").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "run-out") == [b for b in before if b != "run-out"]
+
+
+def test_every_case_is_in_the_docs():
+    doc = (ROOT / "docs" / "BAD_INPUT.md").read_text()
+    missing = [case for case, _, _ in CASES if f"`{case}`" not in doc]
+    assert not missing, f"docs/BAD_INPUT.md lacks {missing}"
+
+
+def test_a_checkpoint_manifest_that_cannot_be_read_is_named(tmp_path):
+    from pipetransformer.checkpoint import read_manifest
+    from pipetransformer.errors import ConfigError
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": 99}))
+    with pytest.raises(ConfigError, match="manifest.json is missing or unreadable"):
+        read_manifest(tmp_path)
