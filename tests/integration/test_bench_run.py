@@ -1,6 +1,6 @@
 """`pipetransformer bench --small` end to end: five real 2-process runs, a profile, the
-planner beside them, and the JSON, markdown and plot they leave (4.5-5.5 minutes measured on
-the 2-core machine under a load average of 3)."""
+planner beside them, and the JSON, markdown and plot they leave (4.5-6.5 minutes measured on
+the 2-core machine under load averages of 3-6 from other test runs)."""
 from __future__ import annotations
 
 import json
