@@ -15,7 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-from .config import Config, ConfigError, apply_overrides, config_fields, parse_on_off, read_yaml
+from .commands import COMMANDS, add_config_flags, command_parser, config_from_args, flag_values
+from .commands import main as run_command
+from .config import Config, ConfigError, apply_overrides, config_fields, read_yaml
 
 __all__ = ["main", "build_parser"]
 
@@ -31,48 +33,23 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Fine-tune Transformers faster: AutoFreeze + elastic pipelines.",
                                      epilog="also: profile, plan, bench (pipetransformer <command> --help)")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="fine-tune a model (or continue a stopped run)", allow_abbrev=False)
-    train.add_argument("--config", help="YAML file with sections model, data, train, freeze, "
-                       "parallel, cache, checkpoint; flags given here override it")
+    train = command_parser(sub, "train", "fine-tune a model (or continue a stopped run)")
     train.add_argument("--run-dir", help="output folder: metrics.jsonl, metrics.png, checkpoints/, final/ "
                        "(default: runs/run-<date>-<time>); an existing run is never overwritten")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the stopped run in RUN_DIR from its "
                        f"newest checkpoint, with its own settings; only {', '.join(sorted(RESUMABLE))} "
                        "may change")
-    for section, f in config_fields():
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"[{section}] {f.metadata['help']} (default: {f.default})"
-        if f.type == "bool":
-            train.add_argument(flag, type=_on_off, metavar="{on,off}", help=help_text)
-        else:
-            train.add_argument(flag, type={"int": int, "float": float, "str": str}[str(f.type)],
-                               choices=f.metadata.get("choices"), help=help_text)
+    add_config_flags(train)
     export = sub.add_parser("export", help="write RUN_DIR/final/ from the run's newest checkpoint",
                             allow_abbrev=False)
     export.add_argument("run_dir", metavar="RUN_DIR")
     return parser
 
 
-def _on_off(value: str) -> bool:
-    try:
-        return parse_on_off(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _flag_values(args) -> dict:
-    return {f.name: getattr(args, f.name) for _, f in config_fields()}
-
-
 def _config_from_args(args) -> Config:
     if args.resume:
         return _resume_config(args)
-    raw = read_yaml(args.config) if args.config else {}
-    cfg = Config.from_dict(raw, source=args.config or "config")
-    cfg = apply_overrides(cfg, {**_flag_values(args), "run_dir": args.run_dir})
-    if not args.run_dir and "run_dir" not in raw:
-        cfg.run_dir = time.strftime("runs/run-%Y%m%d-%H%M%S")
-    return cfg
+    return config_from_args(args, run_dir_default=time.strftime("runs/run-%Y%m%d-%H%M%S"))
 
 
 def _resume_config(args) -> Config:
@@ -85,7 +62,7 @@ def _resume_config(args) -> Config:
         raise ConfigError(f"--resume={args.resume!r}: no config.yaml there, so it holds no run to "
                           f"continue; pass the folder of a run started with `pipetransformer train`")
     cfg = Config.from_dict(read_yaml(saved), source=str(saved))
-    given = {k: v for k, v in _flag_values(args).items() if v is not None}
+    given = {k: v for k, v in flag_values(args).items() if v is not None}
     for key, value in given.items():
         section = next(s for s, f in config_fields() if f.name == key)
         if key not in RESUMABLE and getattr(getattr(cfg, section), key) != value:
@@ -303,8 +280,6 @@ def _export(run_dir: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from .commands import COMMANDS  # profile, plan, bench: no torch either
-    from .commands import main as run_command
     if argv and argv[0] in COMMANDS:
         return run_command(argv)
     args = build_parser().parse_args(argv)

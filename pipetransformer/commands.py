@@ -17,7 +17,8 @@ from .bench import DEFAULT_ROWS, PRESETS, VARIANTS
 from .config import Config, ConfigError, apply_overrides, config_fields, parse_on_off, read_yaml
 from .costs import Hardware
 
-__all__ = ["COMMANDS", "build_parser", "main"]
+__all__ = ["COMMANDS", "build_parser", "main", "command_parser", "add_config_flags", "flag_values",
+           "config_from_args"]
 
 COMMANDS = ("profile", "plan", "bench")
 _PROFILE_FIELDS = ("model", "data", "max_length", "image_size", "batch_size")
@@ -29,16 +30,16 @@ _PLAN_FIELDS = (*_PROFILE_FIELDS, "train_samples", "val_fraction", "epochs", "fr
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipetransformer", allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    profile = _command(sub, "profile", "time every unit of a model on this machine (forward, backward, "
+    profile = command_parser(sub, "profile", "time every unit of a model on this machine (forward, backward, "
                        "optimizer step; activation and parameter bytes) and write a profile file for `plan`")
     profile.add_argument("--out", default="profile.json", help="the profile file to write (default: profile.json)")
     profile.add_argument("--processes", type=int, default=1, help="time the units as one of N CPU processes "
                          "of this machine: N - 1 copies of the model train alongside, every process with "
                          "cores/N threads as the launcher gives them (default: 1)")
     profile.add_argument("--busy", action="store_true", help=argparse.SUPPRESS)  # a co-running copy
-    _add_config_flags(profile, _PROFILE_FIELDS)
+    add_config_flags(profile, _PROFILE_FIELDS)
 
-    plan = _command(sub, "plan", "predict a run's frozen blocks, layouts, micro-batches, cache and epoch "
+    plan = command_parser(sub, "plan", "predict a run's frozen blocks, layouts, micro-batches, cache and epoch "
                     "times on N devices, and its speedups over a1 and a2")
     plan.add_argument("--profile", help="a profile file from `pipetransformer profile` (default: profile "
                       "--model here first)")
@@ -50,9 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     for f in dataclasses.fields(Hardware):
         _add_flag(plan, f, f"[hardware] {f.metadata['help']} (default: {f.default})")
-    _add_config_flags(plan, _PLAN_FIELDS)
+    add_config_flags(plan, _PLAN_FIELDS)
 
-    bench = _command(sub, "bench", "run a1 (fixed pipeline), a2 (data parallel), b (freeze), c (+ AutoPipe "
+    bench = command_parser(sub, "bench", "run a1 (fixed pipeline), a2 (data parallel), b (freeze), c (+ AutoPipe "
                      "+ AutoDP), d (+ AutoCache) as real train runs over seeds; table, JSON, markdown, plot")
     bench.add_argument("--small", action="store_true", help="the smoke-test preset, a few minutes (default "
                        "preset: about 30 minutes on 2 idle CPU cores); both set model, data, sample counts, "
@@ -64,18 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--configs", default=",".join(DEFAULT_ROWS),
                        help=f"rows to run, of {', '.join(VARIANTS)} (default: {','.join(DEFAULT_ROWS)})")
     bench.add_argument("--profile", help="a profile file for the planned epoch times (default: profile here)")
-    _add_config_flags(bench)
+    add_config_flags(bench)
     return parser
 
 
-def _command(sub, name: str, help_text: str) -> argparse.ArgumentParser:
+def command_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
+    """A subcommand that takes a YAML --config (train's too: cli.py builds it here)."""
     command = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
     command.add_argument("--config", help="YAML file with sections model, data, train, freeze, parallel, "
-                         "cache; flags given here override it")
+                         "cache, checkpoint; flags given here override it")
     return command
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
     for section, f in config_fields():
         if names is None or f.name in names:
             _add_flag(parser, f, f"[{section}] {f.metadata['help']} (default: {f.default})")
@@ -97,8 +99,14 @@ def _on_off(value: str) -> bool:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _config(args, preset: dict | None = None) -> Config:
-    """Config defaults, then a preset's fields, then the --config file, then the flags."""
+def flag_values(args) -> dict:
+    """The config fields given as flags (None: not given)."""
+    return {f.name: getattr(args, f.name, None) for _, f in config_fields()}
+
+
+def config_from_args(args, preset: dict | None = None, run_dir_default: str | None = None) -> Config:
+    """Config defaults, then a preset's fields, then the --config file, then the flags; the run
+    folder is `run_dir_default` unless a flag or the file names one."""
     raw = read_yaml(args.config) if args.config else {}
     merged = apply_overrides(Config(), preset or {}).to_dict()
     for key, values in raw.items():
@@ -107,7 +115,10 @@ def _config(args, preset: dict | None = None) -> Config:
         elif values is not None:
             merged[key] = values
     cfg = Config.from_dict(merged, source=args.config or "config")
-    return apply_overrides(cfg, {f.name: getattr(args, f.name, None) for _, f in config_fields()})
+    cfg = apply_overrides(cfg, {**flag_values(args), "run_dir": getattr(args, "run_dir", None)})
+    if run_dir_default and not getattr(args, "run_dir", None) and "run_dir" not in raw:
+        cfg.run_dir = run_dir_default
+    return cfg
 
 
 def _profile(args) -> int:
@@ -115,7 +126,7 @@ def _profile(args) -> int:
     if args.processes < 1:
         raise ConfigError(f"--processes={args.processes} is invalid: use 1 or more")
     from .profiling import keep_busy, measure
-    cfg = _config(args)
+    cfg = config_from_args(args)
     if args.busy:
         keep_busy(cfg)
     profile = measure(cfg, args.processes)
@@ -131,7 +142,7 @@ def _plan(args) -> int:
     from .config import RunFacts
     from .costs import read_profile
     from .data.sources import describe_data, split_sizes
-    cfg = _config(args)
+    cfg = config_from_args(args)
     hardware = Hardware(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Hardware)
                            if getattr(args, f.name) is not None})
     try:
@@ -161,7 +172,7 @@ def _plan(args) -> int:
 def _bench(args) -> int:
     from .bench import run_bench
     preset = PRESETS["small" if args.small else "default"]
-    cfg = _config(args, preset.config)
+    cfg = config_from_args(args, preset.config)
     rows = [r.strip() for r in args.configs.split(",") if r.strip()]
     if not rows or any(r not in VARIANTS for r in rows):
         raise ConfigError(f"--configs={args.configs!r} is invalid: choose from {', '.join(VARIANTS)}")

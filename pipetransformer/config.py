@@ -242,11 +242,11 @@ class Config:
         start_replicas = world // stages
         for k in layouts:
             replicas = world // k
-            if t.batch_size % (start_replicas if p.batch_policy == "per-replica" else replicas):
-                most = start_replicas if p.batch_policy == "per-replica" else replicas
+            split = start_replicas if p.batch_policy == "per-replica" else replicas  # the batch is cut in
+            if t.batch_size % split:
                 raise _bad("batch_size", t.batch_size, f"it must be divisible by every replica count "
-                           f"the run may reach (up to {most}); use a multiple of {most}")
-            batch = t.batch_size // (start_replicas if p.batch_policy == "per-replica" else replicas)
+                           f"the run may reach (up to {split}); use a multiple of {split}")
+            batch = t.batch_size // split
             if p.micro_batches and batch % p.micro_batches:
                 raise _bad("micro_batches", p.micro_batches, f"it must divide the per-replica batch "
                            f"({batch} with {k} stage(s) x {replicas} replica(s)); pick a divisor of "

@@ -210,8 +210,8 @@ class Trainer:
         """The epoch so far, over every process (collective): per-step losses (averaged over
         the global batch; only last stages hold losses, so a sum over the world is one over
         replicas), seconds and cache hits, added to what a resumed epoch had `done`."""
-        step_losses = distributed.sum_over_world(torch.tensor([float(x) for x in losses], dtype=torch.float64),
-                                                 self.comm_device) / replicas
+        local = torch.stack(losses).double().cpu()  # one copy from the device, not one per step
+        step_losses = distributed.sum_over_world(local, self.comm_device) / replicas
         stats = self.cache.stats()
         hits = distributed.sum_over_world(torch.tensor([float(stats["cache_hits"])]), self.comm_device)
         return {**stats, "step_losses": done.get("step_losses", []) + step_losses.tolist(),
