@@ -86,7 +86,8 @@ def add_config_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | N
 def _add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, help_text: str) -> None:
     flag = "--" + f.name.replace("_", "-")
     if f.type == "bool":
-        parser.add_argument(flag, type=_on_off, metavar="{on,off}", help=help_text)
+        # a bare `--compile` means on
+        parser.add_argument(flag, type=_on_off, nargs="?", const=True, metavar="{on,off}", help=help_text)
     else:
         parser.add_argument(flag, type={"int": int, "float": float, "str": str}[str(f.type)],
                             choices=f.metadata.get("choices"), help=help_text)

@@ -137,6 +137,9 @@ class ParallelConfig:
                            "a worker fails; each restart resumes from the last checkpoint")
     comm_timeout: float = _f(300.0, "seconds a process waits on a stopped or dead peer before "
                              "the run ends with an error")
+    compile: bool = _f(False, "torch.compile each process's active stage and its frozen prefix; "
+                       "compiled again after every transition (the compile time counts in the "
+                       "transition's time); pays off on GPUs for long runs")
 
     def __post_init__(self):
         if self.max_restarts < 0:

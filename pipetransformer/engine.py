@@ -79,7 +79,7 @@ class Trainer:
                                        self.recorder.log)
             self.plans = dataclasses.replace(self.plans, units=unit_costs(model, seconds))
         self.env = RuntimeEnv(model, Topology(self.world, self.rank), self.device, self.comm_device,
-                              t.lr, t.weight_decay, pc.schedule, t.dropout)
+                              t.lr, t.weight_decay, pc.schedule, t.dropout, pc.compile)
         self.cache = AutoCache(cfg.cache, cfg.data.augment, model, self.train_data, self.device,
                                self.recorder.run_dir, t.batch_size, self.recorder.log)
         self.samples_seen, self.records = 0, list[dict]()
@@ -125,6 +125,7 @@ class Trainer:
             f"layout {self.rt.layout} ({self.rt.plan.units_per_stage()} units per stage), "
             f"freeze={cfg.freeze.freeze} alpha={cfg.freeze.alpha:.3g}", self.cache.warning()])
         fit_start = time.perf_counter()
+        compile_seconds = self._warm_up()  # this epoch's record carries it
         for epoch in range(self.epoch, cfg.train.epochs):
             self.epoch = epoch
             p = self.rt.plan
@@ -133,13 +134,16 @@ class Trainer:
             rec.update(self.train_epoch(epoch))
             rec.update(self.evaluate())
             rec["transition_seconds"] = rec["cache_seconds"] = 0.0
+            rec["compile_seconds"], compile_seconds = compile_seconds, 0.0
             if epoch + 1 < cfg.train.epochs:
                 fc = cfg.freeze
                 frozen = decide_across_world(self.freeze, self.meter, fc.alpha, fc.freeze, self.comm_device,
                                              fc.freeze_rule)
                 new = next_plan(self.plans, p, frozen)
                 if (new.frozen, new.layout) != (p.frozen, p.layout):
-                    rec.update(self._transition(new))
+                    seconds = self._transition(new)
+                    rec["compile_seconds"] += seconds.pop("compile_seconds")
+                    rec.update(seconds)
                     log(f"transition after epoch {epoch + 1}: frozen {p.frozen} -> {frozen} "
                         f"of {self.model.num_blocks} blocks, layout {p.layout} -> {new.layout}, "
                         f"{new.units_per_stage()} active units per stage "
@@ -155,6 +159,31 @@ class Trainer:
 
     def _transition(self, new: TransitionPlan) -> dict[str, float]:
         self.rt, seconds = apply(new, self.rt, self.env, self.cache, has_state=self.samples_seen > 0)
+        compiled = self._warm_up()
+        return {**seconds, "compile_seconds": compiled,
+                "transition_seconds": seconds["transition_seconds"] + compiled}
+
+    def _warm_up(self) -> float:
+        """With --compile: compile the new runtime now, by one training and one evaluation pass
+        on real rows whose results are thrown away (RNG restored, gradients cleared), so the
+        compile time is measured here and not hidden in the next epoch. Seconds spent."""
+        if not self.cfg.parallel.compile:
+            return 0.0
+        start, rt = time.perf_counter(), self.rt
+        rows = replica_rows(torch.arange(len(self.train_data)), 0, rt.plan.replica_batch * rt.layout.replicas,
+                            rt.replica, rt.layout.replicas)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            self._run_schedule(self.train_data.batch(rows), train=True)
+            for _, p in rt.params:
+                p.grad = None
+            rt.module.eval()
+            with torch.no_grad():
+                self._run_schedule(self.val_data.batch(rows % len(self.val_data)), train=False)
+            rt.module.train(self.cfg.train.dropout)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        self.recorder.log(f"compiled layout {rt.layout} with {rt.frozen} frozen blocks in {seconds:.1f} s")
         return seconds
 
     def freeze_to(self, frozen: int) -> float:
@@ -230,7 +259,7 @@ class Trainer:
         _, losses = self._run_schedule(batch, train=True)
         average_gradients([p for _, p in rt.params], rt.layout, rt.replica_group)  # sync point
         clip_grad_norm(rt, self.cfg.train.grad_clip, self.comm_device)
-        if rt.replica == 0:
+        if rt.replica == 0 and self.cfg.freeze.freeze == "adaptive":  # only the adaptive rule reads norms
             self.meter.accumulate(rt.block_params)
         if rt.optimizer is not None:
             lr = self._lr()
@@ -250,7 +279,7 @@ class Trainer:
         args = self._stage_inputs(batch, train) if rt.is_first else ()
         kwargs = {}
         if rt.is_last:  # the schedule computes the loss on the last stage, eval included
-            kwargs = {"target": batch["labels"].to(self.device), "losses": losses}
+            kwargs = {"target": batch["labels"].to(self.device, non_blocking=True), "losses": losses}
         out = (rt.schedule.step if train else rt.schedule.eval)(*args, **kwargs)
         return out, losses
 
@@ -258,7 +287,7 @@ class Trainer:
         """Stage-0 inputs: raw model inputs, or the frozen prefix's output (cached in training)."""
         if train and self.cache.active(self.rt):
             return self.cache.inputs(batch, self.rt)
-        inputs = tuple(x.to(self.device) for x in self.model.inputs(batch))
+        inputs = tuple(x.to(self.device, non_blocking=True) for x in self.model.inputs(batch))
         if self.rt.prefix is not None:
             with torch.no_grad():
                 inputs = self.rt.prefix(*inputs)

@@ -23,8 +23,8 @@ from .timing import best_seconds
 if TYPE_CHECKING:  # transition.apply builds runtimes: the import runs the other way
     from .transition import TransitionPlan
 
-__all__ = ["Runtime", "RuntimeEnv", "UnitSequence", "build_runtime", "clip_grad_norm", "profile_units",
-           "profile_on_rank0", "unit_costs"]
+__all__ = ["LocalStep", "Runtime", "RuntimeEnv", "UnitSequence", "build_runtime", "clip_grad_norm",
+           "profile_units", "profile_on_rank0", "unit_costs"]
 
 
 class UnitSequence(nn.Module):
@@ -54,6 +54,7 @@ class RuntimeEnv:
     weight_decay: float
     schedule: str              # "gpipe" or "1f1b"
     dropout: bool
+    compile: bool = False      # torch.compile the stage's module and the frozen prefix
 
 
 @dataclass
@@ -63,10 +64,10 @@ class Runtime:
     stage: int
     replica: int
     units: list[Unit]                     # this stage's active units
-    prefix: UnitSequence | None           # frozen units, run on first stages only
+    prefix: nn.Module | None              # frozen units (compiled or not), first stages only
     module: UnitSequence
     optimizer: torch.optim.Optimizer | None
-    schedule: ScheduleGPipe | Schedule1F1B
+    schedule: ScheduleGPipe | Schedule1F1B | LocalStep
     replica_group: dist.ProcessGroup | None
     pipeline_group: dist.ProcessGroup | None
     params: list[tuple[str, nn.Parameter]] = field(default_factory=list)  # active, this stage
@@ -99,6 +100,44 @@ def _loss(logits, target):
     return F.cross_entropy(logits, target)
 
 
+class LocalStep:
+    """A one-stage layout's step: what ScheduleGPipe computes for a single stage (forward,
+    loss and backward per micro-batch, in order; gradients summed, then divided by the
+    micro-batch count), without its machinery: no chunk specs, no per-chunk stage buffers,
+    no send/receive bookkeeping. Same interface as the schedules (`step`, `eval`)."""
+
+    def __init__(self, module: nn.Module, micro_batches: int, loss_fn):
+        self.module, self.micro_batches, self.loss_fn = module, micro_batches, loss_fn
+
+    def _chunks(self, args: tuple, target) -> list[tuple[tuple, torch.Tensor | None]]:
+        m = self.micro_batches
+        if m == 1:
+            return [(args, target)]
+        parts = [a.tensor_split(m) for a in args]  # as the pipeline's TensorChunkSpec(0) splits
+        targets = target.tensor_split(m) if target is not None else [None] * m
+        return [(tuple(p[i] for p in parts), targets[i]) for i in range(m)]
+
+    def step(self, *args, target=None, losses: list | None = None):
+        for x, y in self._chunks(args, target):
+            loss = self.loss_fn(self.module(*x), y)
+            loss.backward()
+            if losses is not None:
+                losses.append(loss.detach())
+        if self.micro_batches > 1:
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            if grads:
+                torch._foreach_div_(grads, self.micro_batches)
+
+    def eval(self, *args, target=None, losses: list | None = None):
+        outs = []
+        for x, y in self._chunks(args, target):
+            out = self.module(*x)
+            if losses is not None and y is not None:
+                losses.append(self.loss_fn(out, y))
+            outs.append(out)
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
 def build_runtime(plan: TransitionPlan, env: RuntimeEnv, opt_state: dict[str, dict]) -> Runtime:
     model, layout, frozen = env.model, plan.layout, plan.frozen
     rank = env.topo.rank
@@ -114,6 +153,13 @@ def build_runtime(plan: TransitionPlan, env: RuntimeEnv, opt_state: dict[str, di
             p.grad = None
     prefix = UnitSequence(frozen_units, env.device).eval() if stage == 0 and frozen_units else None
     module = UnitSequence(mine, env.device).train(env.dropout)
+    run_module: nn.Module = module
+    if env.compile:  # compiled lazily on first use; the Trainer warms it up inside the transition
+        # the last runtime's graphs are dead: drop them, or every rebuild adds entries for the
+        # same forward code until dynamo's per-code limit silently falls back to eager
+        torch._dynamo.reset()
+        run_module = torch.compile(module)  # type: ignore[assignment]
+        prefix = torch.compile(prefix) if prefix is not None else None  # type: ignore[assignment]
     params = [np for u in mine for np in model.named_parameters(u)]
     block_params: dict[int, list] = {}
     for u in mine:
@@ -121,9 +167,13 @@ def build_runtime(plan: TransitionPlan, env: RuntimeEnv, opt_state: dict[str, di
             block_params.setdefault(u.freeze_index, []).extend(model.named_parameters(u))
     optimizer = _optimizer(params, env, opt_state) if params else None
     group = env.topo.pipeline_group(layout)
-    pipe_stage = PipelineStage(module, stage, layout.stages, env.device, group=group)
-    kind = ScheduleGPipe if env.schedule == "gpipe" else Schedule1F1B
-    sched = kind(pipe_stage, n_microbatches=plan.micro_batches, loss_fn=_loss)
+    sched: ScheduleGPipe | Schedule1F1B | LocalStep
+    if layout.stages == 1:
+        sched = LocalStep(run_module, plan.micro_batches, _loss)
+    else:
+        pipe_stage = PipelineStage(run_module, stage, layout.stages, env.device, group=group)
+        kind = ScheduleGPipe if env.schedule == "gpipe" else Schedule1F1B
+        sched = kind(pipe_stage, n_microbatches=plan.micro_batches, loss_fn=_loss)
     return Runtime(plan, stage, replica, mine, prefix, module, optimizer, sched,
                    env.topo.replica_group(layout), group, params, block_params)
 
