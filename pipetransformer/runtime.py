@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # transition.apply builds runtimes: the import runs the other
     from .transition import TransitionPlan
 
 __all__ = ["Runtime", "RuntimeEnv", "UnitSequence", "build_runtime", "clip_grad_norm", "profile_units",
-           "profile_on_rank0", "unit_costs"]
+           "profile_on_rank0", "span_loss", "unit_costs"]
 
 
 class UnitSequence(nn.Module):
@@ -99,6 +99,12 @@ def _loss(logits, target):
     return F.cross_entropy(logits, target)
 
 
+def span_loss(logits, target):
+    """Question answering: logits (B, T, 2) and target (B, 2) start/end tokens; the mean of the
+    start and end cross-entropies over the tokens, as Hugging Face's QA models compute it."""
+    return (F.cross_entropy(logits[..., 0], target[:, 0]) + F.cross_entropy(logits[..., 1], target[:, 1])) / 2
+
+
 def build_runtime(plan: TransitionPlan, env: RuntimeEnv, opt_state: dict[str, dict]) -> Runtime:
     model, layout, frozen = env.model, plan.layout, plan.frozen
     rank = env.topo.rank
@@ -123,7 +129,8 @@ def build_runtime(plan: TransitionPlan, env: RuntimeEnv, opt_state: dict[str, di
     group = env.topo.pipeline_group(layout)
     pipe_stage = PipelineStage(module, stage, layout.stages, env.device, group=group)
     kind = ScheduleGPipe if env.schedule == "gpipe" else Schedule1F1B
-    sched = kind(pipe_stage, n_microbatches=plan.micro_batches, loss_fn=_loss)
+    loss = span_loss if model.task == "qa" else _loss
+    sched = kind(pipe_stage, n_microbatches=plan.micro_batches, loss_fn=loss)
     return Runtime(plan, stage, replica, mine, prefix, module, optimizer, sched,
                    env.topo.replica_group(layout), group, params, block_params)
 
