@@ -67,6 +67,8 @@ class Trainer:
         if data is None and model.task == "qa":  # val_data: the --val-data field of the streaming branch
             data = load_qa_data(cfg.data, model, cfg.model.max_length, cfg.train.seed, cfg.run_dir,
                                 getattr(cfg.data, "val_data", None))
+        self.train_data: Dataset | QADataset
+        self.val_data: Dataset | QADataset
         self.train_data, self.val_data = data or load_data(cfg.data, model, cfg.model.max_length, cfg.train.seed)
         # the same checks the launcher made, now on the model and data actually loaded
         fixed_size = model.modality == "image" and model.hf_model.config.model_type != "dinov2"

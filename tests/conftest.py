@@ -84,7 +84,8 @@ COUNTRIES = ["Freedonia", "Sylvania", "Latveria", "Genovia", "Ruritania", "Elbon
              "Panem", "Arstotzka", "Borduria", "Syldavia", "Krakozhia", "Molvania", "Grand Fenwick", "Qumar"]
 RELATIONS = {  # name: (sentence, question, values)
     "capital": ("The capital of {c} is {v}.", "What is the capital of {c}?",
-                ["Paris", "Rome", "Oslo", "Lima", "Cairo", "Delhi", "Tokyo", "Quito", "Dakar", "Hanoi", "Accra", "Sofia"]),
+                ["Paris", "Rome", "Oslo", "Lima", "Cairo", "Delhi", "Tokyo", "Quito", "Dakar", "Hanoi", "Accra",
+                 "Sofia"]),
     "currency": ("The currency of {c} is the {v}.", "What is the currency of {c}?",
                  ["dollar", "euro", "peso", "rupee", "yen", "franc", "krona", "lira", "dinar", "rand", "won", "pound"]),
     "language": ("People in {c} speak {v}.", "What language do people in {c} speak?",
@@ -100,22 +101,19 @@ SQUAD_WORDS = sorted({w.lower() for c in COUNTRIES for w in c.split()}
                         .replace("{v}", " ").replace(".", " ").replace("?", " ").split()} | {".", "?"})
 
 
-def make_squad(path: Path, paragraphs: int = 150, questions: int = 3, seed: int = 0) -> Path:
-    """A SQuAD v1.1-format file: `paragraphs` paragraphs of 4-6 facts about 2-3 countries,
-    `questions` questions each."""
+def make_squad(path: Path, paragraphs: int = 150, questions: int = 3, facts: tuple[int, int] = (3, 5),
+               countries: tuple[int, int] = (2, 3), seed: int = 0) -> Path:
+    """A SQuAD v1.1-format file: `paragraphs` paragraphs of `facts` (fewest, most) facts about
+    `countries` (fewest, most) countries, up to `questions` questions each."""
     rng = random.Random(seed)
     data = []
     for p in range(paragraphs):
-        facts = []
-        for country in rng.sample(COUNTRIES, rng.randint(2, 3)):
-            for rel in rng.sample(sorted(RELATIONS), 2):
-                facts.append((country, rel, rng.choice(RELATIONS[rel][2])))
-        rng.shuffle(facts)
-        facts = facts[:rng.randint(4, 6)]
+        pairs = [(c, rel) for c in rng.sample(COUNTRIES, rng.randint(*countries)) for rel in sorted(RELATIONS)]
+        stated = [(c, rel, rng.choice(RELATIONS[rel][2])) for c, rel in rng.sample(pairs, rng.randint(*facts))]
         context, qas = "", []
-        for i, (country, rel, value) in enumerate(facts):
+        for i, (country, rel, value) in enumerate(stated):
             sentence = RELATIONS[rel][0].format(c=country, v=value)
-            start = len(context) + sentence.index(value)
+            start = len(context) + sentence.rindex(value)  # the value ends every sentence
             if i < questions:
                 answers = [{"text": value, "answer_start": start}]
                 if rel == "river":  # "the Nile" is right too

@@ -46,7 +46,7 @@ def read_squad(path: str | Path, flag: str = "--data") -> list[Example]:
         raise ConfigError(f"{flag}={where!r} is not valid JSON ({e}); pass {fix}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("data"), list):
         raise ConfigError(f"{flag}={where!r} has no top-level \"data\" list; pass {fix}")
-    examples, seen = [], set()
+    examples, seen = [], set[str]()
     for a, article in enumerate(raw["data"]):
         paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
         if not isinstance(paragraphs, list):
@@ -142,7 +142,8 @@ def answer_tokens(spans: np.ndarray, start_char: int, end_char: int) -> tuple[in
 def _check_stride(chunk: list[Example], tokenizer, max_length: int, doc_stride: int) -> None:
     """Each window holds the question, 3 special tokens and more context tokens than the
     overlap; the tokenizer fails obscurely otherwise."""
-    lengths = [len(ids) for ids in tokenizer([e.question.lstrip() for e in chunk], add_special_tokens=False)["input_ids"]]
+    questions = tokenizer([e.question.lstrip() for e in chunk], add_special_tokens=False)["input_ids"]
+    lengths = [len(ids) for ids in questions]
     longest = int(np.argmax(lengths))
     room = max_length - lengths[longest] - 3
     if doc_stride >= room:
