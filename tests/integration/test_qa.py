@@ -51,8 +51,8 @@ def test_minilm_learns_to_answer_and_final_is_a_qa_model(tmp_path):
     val = load_qa_data(cfg, untrained, 48, 0, tmp_path / "probe")[1]
     before = _exact_match(untrained, val)
 
-    records, stdout = _train(tmp_path / "run", "--data", str(data), "--epochs", "3", "--freeze", "schedule", "--alpha", "0.5",
-                             *MINILM)
+    records, stdout = _train(tmp_path / "run", "--data", str(data), "--epochs", "3", "--freeze", "schedule",
+                             "--alpha", "0.5", *MINILM)
     last = records[-1]
     assert "val_accuracy" not in last and {"val_exact_match", "val_f1", "val_loss"} <= set(last)
     assert f"val_exact_match {last['val_exact_match']:.4f} val_f1 {last['val_f1']:.4f}" in stdout
@@ -76,11 +76,17 @@ def test_two_processes_equal_one_with_the_cache_on(tmp_path):
     args = ["--model", str(model), "--data", str(data), *COMMON]
     one, _ = _train(tmp_path / "one", *args, "--nproc", "1", "--cache", "off")
     two, _ = _train(tmp_path / "two", *args, "--nproc", "2", "--cache", "on")
-    assert [(r["stages"], r["replicas"]) for r in two] == [(2, 1), (1, 2), (1, 2)]
+    assert [(r["stages"], r["replicas"]) for r in two] == [(2, 1), (2, 1), (1, 2)]
     assert [r["frozen_layers"] for r in two] == [0, 2, 3]
     assert sum(r["cache_hits"] for r in two) > 0
     weights = [load_file(tmp_path / run / "final" / "model.safetensors") for run in ("one", "two")]
     assert "qa_outputs.weight" in weights[0]
+    # A shift shared by every token leaves the softmax over tokens unchanged: the start/end
+    # logit biases and the last block's output bias get exactly zero gradient, hold only
+    # rounding noise that Adam normalises to full steps (as attention key biases do), and
+    # are left out like those.
+    shift = ("qa_outputs.bias", "layer.3.output.LayerNorm.bias")
+    weights = [{n: w for n, w in ws.items() if not n.endswith(shift)} for ws in weights]
     assert_same_training((one, weights[0]), (two, weights[1]))
     for a, b in zip(one, two):
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)
