@@ -91,3 +91,13 @@ def test_two_processes_equal_one_with_the_cache_on(tmp_path):
     for a, b in zip(one, two):
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)
         assert b["val_exact_match"] == pytest.approx(a["val_exact_match"], abs=0.02)
+
+    # export rebuilds the QA model from the last checkpoint: the same weights as final/
+    from transformers import AutoModelForQuestionAnswering
+    (tmp_path / "two" / "final").rename(tmp_path / "two-final")
+    out = run_cli("export", str(tmp_path / "two"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    exported = AutoModelForQuestionAnswering.from_pretrained(tmp_path / "two" / "final").state_dict()
+    saved = load_file(tmp_path / "two-final" / "model.safetensors")
+    assert saved.keys() <= exported.keys()
+    assert all(torch.equal(exported[n], w) for n, w in saved.items())
