@@ -134,13 +134,13 @@ def plot_metrics(records: list[dict], path: Path) -> None:
 
     epochs = [r["epoch"] for r in records]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    names = [k for k in SCORES if k in records[0]]
-    for name in names:
-        axes[0].plot(epochs, [100 * r[name] for r in records], "o-", label=name.removeprefix("val_").replace("_", " "))
-    if len(names) > 1:
+    names = {"val_accuracy": "accuracy", "val_exact_match": "exact match", "val_f1": "F1"}
+    shown = [k for k in SCORES if k in records[0]]
+    for key in shown:
+        axes[0].plot(epochs, [100 * r[key] for r in records], "o-", label=names[key])
+    if len(shown) > 1:
         axes[0].legend(fontsize=8)
-    axes[0].set(title="validation " + " and ".join(n.removeprefix("val_").replace("_", " ") for n in names),
-                xlabel="epoch", ylabel="%")
+    axes[0].set(title="validation " + " and ".join(names[k] for k in shown), xlabel="epoch", ylabel="%")
     axes[1].step(epochs, [r["frozen_layers"] for r in records], "o-", where="mid")
     axes[1].set(title="frozen blocks during epoch", xlabel="epoch",
                 ylim=(-0.3, records[0]["total_layers"] + 0.3))
