@@ -25,6 +25,7 @@ import yaml
 
 from .config import Config, apply_overrides
 from .errors import ConfigError
+from .recorder import primary_metric
 
 __all__ = ["Variant", "VARIANTS", "DEFAULT_ROWS", "Preset", "PRESETS", "TARGET_MARGIN", "elapsed", "train_seconds",
            "mean_curve", "time_to_target", "summarize", "format_table", "markdown_table", "check_targets",
@@ -89,11 +90,16 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def score(rec: dict) -> float:
+    """An epoch's validation score: accuracy, or F1 for question answering."""
+    return rec[primary_metric(rec)]
+
+
 def mean_curve(runs: Sequence[Sequence[dict]]) -> tuple[list[float], list[float]]:
     """(mean elapsed training time, mean validation accuracy) per epoch over seeds."""
     times = [elapsed(r) for r in runs]
     return ([statistics.fmean(t[e] for t in times) for e in range(len(times[0]))],
-            [statistics.fmean(r[e]["val_accuracy"] for r in runs) for e in range(len(runs[0]))])
+            [statistics.fmean(score(r[e]) for r in runs) for e in range(len(runs[0]))])
 
 
 def time_to_target(runs: Sequence[Sequence[dict]], target: float) -> float | None:
@@ -112,10 +118,10 @@ def summarize(runs: dict[str, list[list[dict]]], totals: dict[str, list[float]])
     total seconds (summary.json), and the accuracy target (None without an a2 row)."""
     target = None
     if "a2" in runs:
-        target = statistics.fmean(r[-1]["val_accuracy"] for r in runs["a2"]) - TARGET_MARGIN
+        target = statistics.fmean(score(r[-1]) for r in runs["a2"]) - TARGET_MARGIN
     rows: dict[str, dict[str, Any]] = {}
     for name, rs in runs.items():
-        final, best = _mean_std([r[-1]["val_accuracy"] for r in rs]), _mean_std([max(x["val_accuracy"] for x in r)
+        final, best = _mean_std([score(r[-1]) for r in rs]), _mean_std([max(score(x) for x in r)
                                                                                 for r in rs])
         train = _mean_std([train_seconds(r) for r in rs])
         transitions = statistics.fmean(sum(x["transition_seconds"] for x in r) for r in rs)

@@ -53,15 +53,16 @@ class Snapshot:
     fingerprint: dict
 
 
-def fingerprint(cfg, label_names: list[str], num_blocks: int) -> dict:
-    """What a resume must find unchanged: the model's architecture and the data."""
+def fingerprint(cfg, label_names: list[str], num_blocks: int, task: str = "classify") -> dict:
+    """What a resume must find unchanged: the model's architecture and the data (and the task,
+    which export needs to rebuild the head)."""
     from .data.sources import BUILTIN
     from .models.catalog import BUILTIN as BUILTIN_MODELS
     from .models.catalog import resolve_model_path
     model_cfg = resolve_model_path(cfg.model.model) / "config.json"
     data = cfg.data.data
     return {"model": cfg.model.model if cfg.model.model in BUILTIN_MODELS else _sha(model_cfg),
-            "num_blocks": num_blocks, "labels": label_names,
+            "num_blocks": num_blocks, "labels": label_names, "task": task,
             "data": data if data in BUILTIN else _sha(Path(data))}
 
 

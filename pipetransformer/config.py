@@ -44,10 +44,16 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     data: str = _f("rotten-tomatoes", "rotten-tomatoes, imdb, a CSV file with text,label columns, "
+                   "a SQuAD v1.1-format .json file (extractive question answering), "
                    "an image folder (one sub-folder per class) or an .npz file with arrays x and y")
-    train_samples: int = _f(1536, "use the first N of the shuffled training split (0: all of it)")
-    eval_samples: int = _f(0, "use the first N of the validation split (0: all of it)")
-    val_fraction: float = _f(0.1, "fraction of each class held out for validation (stratified, seeded)")
+    train_samples: int = _f(1536, "use the first N of the shuffled training split (0: all of it); "
+                            "for question answering N counts questions, each one or more windows")
+    eval_samples: int = _f(0, "use the first N of the validation split (0: all of it); for question "
+                           "answering N counts questions")
+    val_fraction: float = _f(0.1, "fraction of each class held out for validation (stratified, seeded); "
+                             "for question answering, of the questions (seeded)")
+    doc_stride: int = _f(128, "question answering: tokens that consecutive windows of a long context "
+                         "share (at most half of --max-length)")
     image_size: int = _f(224, "image side in pixels for image data (resized to a square)")
     augment: str = _f("off", "random augmentation of training images, drawn anew each epoch: "
                       "crop-flip takes a random square crop covering 64 to 100 percent of the "
@@ -63,6 +69,8 @@ class DataConfig:
             raise _bad("eval_samples", self.eval_samples, "use 0 (all) or a positive count")
         if self.augment not in ("off", "crop-flip"):
             raise _bad("augment", self.augment, "choose off or crop-flip")
+        if self.doc_stride < 0:
+            raise _bad("doc_stride", self.doc_stride, "use 0 or a positive token count, e.g. 128")
         if not 0.0 < self.val_fraction < 0.5:
             raise _bad("val_fraction", self.val_fraction, "use a fraction between 0 and 0.5, e.g. 0.1")
 
@@ -227,6 +235,9 @@ class Config:
         if d.augment != "off" and facts.model_modality != "image":
             raise _bad("augment", d.augment, f"augmentation is for image models and {m.model!r} is a "
                        f"{facts.model_modality} model; use --augment off")
+        if facts.task == "qa" and d.doc_stride > m.max_length // 2:
+            raise _bad("doc_stride", d.doc_stride, f"windows of --max-length={m.max_length} tokens need room "
+                       f"for the question besides the shared context; use at most {m.max_length // 2}")
         if facts.max_positions is not None and m.max_length > facts.max_positions:
             raise _bad("max_length", m.max_length, f"{m.model!r} has {facts.max_positions} positions; "
                        f"use at most {facts.max_positions}")
@@ -297,6 +308,7 @@ class RunFacts:
     train_rows: int
     max_positions: int | None = None  # text: the most tokens the model takes
     image_size: int | None = None     # image: the side its position embeddings are made for
+    task: str = "classify"            # or "qa" (data/squad.py)
 
 
 def describe_run(cfg: Config) -> RunFacts:
@@ -306,7 +318,7 @@ def describe_run(cfg: Config) -> RunFacts:
     train_rows = split_sizes(data.labels, cfg.data.val_fraction, cfg.data.train_samples,
                              cfg.data.eval_samples)[0]
     return RunFacts(model.modality, data.modality, model.num_units, train_rows, model.max_positions,
-                    model.image_size)
+                    model.image_size, data.task)
 
 
 def config_fields() -> Iterator[tuple[str, dataclasses.Field]]:

@@ -26,10 +26,12 @@ from .autopipe import next_stage_count
 from .config import Config, RunFacts, apply_overrides
 from .data.augment import crop_flip
 from .data.dataset import Dataset, load_data
+from .data.qa_dataset import QADataset, load_qa_data
 from .data.sampler import BatchSampler
 from .data.sources import describe_data
 from .models.base import StagedModel
 from .models.loading import load_model
+from .qa_eval import SpanScorer
 from .recorder import Recorder
 from .runtime import RuntimeEnv, build_runtime, clip_grad_norm, profile_on_rank0, unit_costs
 from .transition import PlanInputs, TransitionPlan, apply, gather_weights, next_plan, plan
@@ -48,7 +50,8 @@ class Trainer:
     """Fine-tunes a StagedModel with AutoFreeze, AutoPipe, AutoDP and AutoCache."""
 
     def __init__(self, config: Config, model: StagedModel | None = None,
-                 data: tuple[Dataset, Dataset] | None = None, progress: bool = True, resume: bool = False):
+                 data: tuple[Dataset, Dataset] | tuple[QADataset, QADataset] | None = None,
+                 progress: bool = True, resume: bool = False):
         """`resume`: continue the run in `config.run_dir` from its newest checkpoint (or from
         the start if it has none)."""
         cfg = self.cfg = config
@@ -56,17 +59,22 @@ class Trainer:
         self.comm_device = self.device if self.device.type == "cuda" else torch.device("cpu")
         torch.manual_seed(cfg.train.seed)
         if model is None:
-            names = describe_data(cfg.data.data).label_names
-            model = load_model(cfg.model.model, len(names), cfg.train.seed, names)
+            facts = describe_data(cfg.data.data)
+            model = load_model(cfg.model.model, len(facts.label_names), cfg.train.seed, facts.label_names, facts.task)
         self.model = model
         if not cfg.train.dropout:
             _disable_dropout(model.hf_model)
+        if data is None and model.task == "qa":  # val_data: the --val-data field of the streaming branch
+            data = load_qa_data(cfg.data, model, cfg.model.max_length, cfg.train.seed, cfg.run_dir,
+                                getattr(cfg.data, "val_data", None))
+        self.train_data: Dataset | QADataset
+        self.val_data: Dataset | QADataset
         self.train_data, self.val_data = data or load_data(cfg.data, model, cfg.model.max_length, cfg.train.seed)
         # the same checks the launcher made, now on the model and data actually loaded
         fixed_size = model.modality == "image" and model.hf_model.config.model_type != "dinov2"
         image_size = getattr(model.hf_model.config, "image_size", None) if fixed_size else None
         cfg.validate(self.world, RunFacts(model.modality, model.modality, len(model.units), len(self.train_data),
-                                          image_size=image_size))
+                                          image_size=image_size, task=model.task))
         self.recorder = Recorder(cfg, self.rank, progress)
         self.freeze, self.meter = FreezeState(model.num_blocks), GradNormMeter(model.num_blocks)
         self.sampler = BatchSampler(len(self.train_data), cfg.train.seed)
@@ -84,7 +92,7 @@ class Trainer:
                                self.recorder.run_dir, t.batch_size, self.recorder.log)
         self.samples_seen, self.records = 0, list[dict]()
         self.total_samples = t.epochs * self.sampler.steps(t.batch_size) * t.batch_size
-        self.fingerprint = checkpoint.fingerprint(cfg, self.train_data.label_names, model.num_blocks)
+        self.fingerprint = checkpoint.fingerprint(cfg, self.train_data.label_names, model.num_blocks, model.task)
         self.epoch, self.first_step, self.partial = 0, 0, dict[str, list]()
         self.resumed, found = resume, checkpoint.latest(self.recorder.run_dir) if resume else None
         if found is None:
@@ -295,13 +303,15 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Loss and accuracy over the whole validation set, in the current layout."""
+        """Loss and accuracy (question answering: exact match and F1) over the whole validation
+        set, in the current layout."""
         rt, layout = self.rt, self.rt.layout
         batch_size = rt.plan.replica_batch * layout.replicas
         n = len(self.val_data)
         steps = math.ceil(n / batch_size)
         order = torch.arange(steps * batch_size) % n  # pad the tail with repeats, ignored below
         totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+        spans = SpanScorer(self.val_data) if self.model.task == "qa" else None
         rt.module.eval()
         try:
             for step in range(steps):
@@ -311,12 +321,17 @@ class Trainer:
                 if rt.is_last:
                     pos = step * batch_size + rt.replica * len(rows) + torch.arange(len(rows))
                     keep = pos < n
+                    if spans is not None:
+                        spans.add(rows[keep], out.float().cpu()[keep], batch["labels"][keep])
+                        continue
                     logits, labels = out.float().cpu()[keep], batch["labels"][keep]
                     totals += torch.tensor([
                         float(nn.functional.cross_entropy(logits, labels, reduction="sum")),
                         float((logits.argmax(-1) == labels).sum()), float(keep.sum())], dtype=torch.float64)
         finally:
             rt.module.train(self.cfg.train.dropout)
+        if spans is not None:
+            return spans.result(self.comm_device)
         totals = distributed.sum_over_world(totals, self.comm_device)
         return {"val_loss": float(totals[0] / totals[2]), "val_accuracy": float(totals[1] / totals[2])}
 

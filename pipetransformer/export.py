@@ -25,8 +25,9 @@ def export_final(run_dir: Path) -> Path:
         raise ConfigError(f"export: {str(run_dir)!r} holds no complete checkpoint; resume the run "
                           f"first (pipetransformer train --resume {run_dir})")
     cfg = Config.from_dict(read_yaml(saved), source=str(saved))
-    labels = checkpoint.read_manifest(found).fingerprint["labels"]
-    model = load_model(cfg.model.model, len(labels), cfg.train.seed, labels)
+    stored = checkpoint.read_manifest(found).fingerprint
+    labels = stored["labels"]
+    model = load_model(cfg.model.model, len(labels), cfg.train.seed, labels, stored.get("task", "classify"))
     checkpoint.load_tensors(found, {f"model.{n}": p.data for n, p in model.hf_model.named_parameters()})
     save_final(model, run_dir)
     return run_dir / "final"

@@ -129,8 +129,8 @@ def _update_seconds(unit: Unit, device: torch.device) -> float:
 def _load(cfg: Config) -> tuple[StagedModel, list[int], int]:
     """The model, the batch sizes to time (a quarter of the batch and the batch: the sizes
     of micro-batches and of whole replica batches) and the rows' side (tokens or pixels)."""
-    names = describe_data(cfg.data.data).label_names
-    model = load_model(cfg.model.model, len(names), cfg.train.seed, names)
+    facts = describe_data(cfg.data.data)
+    model = load_model(cfg.model.model, len(facts.label_names), cfg.train.seed, facts.label_names, facts.task)
     batch = cfg.train.batch_size
     side = cfg.model.max_length if model.modality == "text" else cfg.data.image_size
     return model, sorted({max(1, batch // 4), batch}), side

@@ -10,7 +10,14 @@ from pathlib import Path
 from .config import Config
 from .errors import ConfigError
 
-__all__ = ["Recorder", "plot_metrics", "refuse_used_run_dir", "save_final"]
+__all__ = ["Recorder", "plot_metrics", "primary_metric", "refuse_used_run_dir", "save_final"]
+
+SCORES = ("val_accuracy", "val_exact_match", "val_f1")  # whichever a task reports, as fractions
+
+
+def primary_metric(rec: dict) -> str:
+    """The validation score a run is judged by: F1 for question answering, else accuracy."""
+    return "val_f1" if "val_f1" in rec else "val_accuracy"
 
 
 class Recorder:
@@ -49,7 +56,8 @@ class Recorder:
     def epoch(self, rec: dict) -> None:
         """One epoch's record: a log line, and a line of metrics.jsonl."""
         rec["open_fds"] = _open_fds()  # rank 0's; flat across transitions = no leaked groups
-        self.log(f"epoch {rec['epoch']}: val_accuracy {rec['val_accuracy']:.4f} val_loss "
+        scores = " ".join(f"{k} {rec[k]:.4f}" for k in SCORES if k in rec)
+        self.log(f"epoch {rec['epoch']}: {scores} val_loss "
                  f"{rec['val_loss']:.4f} train_loss {rec['train_loss']:.4f} | frozen "
                  f"{rec['frozen_layers']}/{rec['total_layers']} | {rec['stages']} stage(s) x "
                  f"{rec['replicas']} replica(s), M={rec['micro_batches']} | "
@@ -71,11 +79,12 @@ class Recorder:
                                f"checkpoint is {latest(self.run_dir)}; once the cause is fixed, write "
                                f"final/ from it with: pipetransformer export {self.run_dir}") from e
         plot_metrics(records, self.run_dir / "metrics.png")
-        summary = {"val_accuracy": records[-1]["val_accuracy"], "total_seconds": seconds,
+        metric = primary_metric(records[-1])
+        summary = {**{k: records[-1][k] for k in SCORES if k in records[-1]}, "total_seconds": seconds,
                    "epochs": len(records), "final_frozen_layers": records[-1]["frozen_after"],
                    "final_layout": f"{layout}"}
         _write_atomically(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        self.log(f"done in {seconds:.1f} s: val_accuracy {summary['val_accuracy']:.4f}; wrote "
+        self.log(f"done in {seconds:.1f} s: {metric} {summary[metric]:.4f}; wrote "
                  f"{self.run_dir}/metrics.jsonl, metrics.png and final/ (Hugging Face format)")
 
 
@@ -125,8 +134,13 @@ def plot_metrics(records: list[dict], path: Path) -> None:
 
     epochs = [r["epoch"] for r in records]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot(epochs, [100 * r["val_accuracy"] for r in records], "o-")
-    axes[0].set(title="validation accuracy", xlabel="epoch", ylabel="%")
+    names = {"val_accuracy": "accuracy", "val_exact_match": "exact match", "val_f1": "F1"}
+    shown = [k for k in SCORES if k in records[0]]
+    for key in shown:
+        axes[0].plot(epochs, [100 * r[key] for r in records], "o-", label=names[key])
+    if len(shown) > 1:
+        axes[0].legend(fontsize=8)
+    axes[0].set(title="validation " + " and ".join(names[k] for k in shown), xlabel="epoch", ylabel="%")
     axes[1].step(epochs, [r["frozen_layers"] for r in records], "o-", where="mid")
     axes[1].set(title="frozen blocks during epoch", xlabel="epoch",
                 ylim=(-0.3, records[0]["total_layers"] + 0.3))

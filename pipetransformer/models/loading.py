@@ -23,8 +23,11 @@ def wrap_model(hf_model, processor=None) -> StagedModel:
     return wrap_text_model(hf_model, processor)
 
 
-def load_model(spec: str, num_labels: int, seed: int = 0, label_names: list[str] | None = None) -> StagedModel:
-    """Load a pretrained encoder from disk and put a fresh, seeded classification head on it."""
+def load_model(spec: str, num_labels: int, seed: int = 0, label_names: list[str] | None = None,
+               task: str = "classify") -> StagedModel:
+    """Load a pretrained encoder from disk and put a fresh, seeded head on it: a classifier, or
+    for task "qa" a question-answering head (start/end logits; num_labels 2) unless the
+    folder holds one already."""
     from transformers import AutoConfig
     from transformers import logging as hf_logging
 
@@ -40,7 +43,7 @@ def load_model(spec: str, num_labels: int, seed: int = 0, label_names: list[str]
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized head" warnings are expected here
     try:
-        return _load(path, config)
+        return _load(path, config, task)
     except Exception as e:  # truncated or garbage weights, a broken tokenizer: the folder is at fault
         detail = " ".join(str(e).split())[:200]
         raise ConfigError(f"--model={spec!r}: {path} cannot be loaded ({type(e).__name__}: {detail}); "
@@ -49,8 +52,8 @@ def load_model(spec: str, num_labels: int, seed: int = 0, label_names: list[str]
         hf_logging.set_verbosity(verbosity)
 
 
-def _load(path, config) -> StagedModel:
-    """The Hugging Face classifier with a fresh head, and its tokenizer or image processor."""
+def _load(path, config, task: str) -> StagedModel:
+    """The Hugging Face model with a fresh head, and its tokenizer or image processor."""
     if config.model_type in VISION_FAMILIES:
         from transformers import AutoImageProcessor, AutoModelForImageClassification
         model = AutoModelForImageClassification.from_pretrained(
@@ -60,7 +63,7 @@ def _load(path, config) -> StagedModel:
         except OSError:
             processor = None
         return wrap_model(model, processor)
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, config=config, local_files_only=True, ignore_mismatched_sizes=True)
+    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification, AutoTokenizer
+    auto = AutoModelForQuestionAnswering if task == "qa" else AutoModelForSequenceClassification
+    model = auto.from_pretrained(path, config=config, local_files_only=True, ignore_mismatched_sizes=True)
     return wrap_model(model, AutoTokenizer.from_pretrained(path, local_files_only=True))

@@ -79,6 +79,16 @@ CASES = [
      ["--image-size=32", "use --image-size 16"]),
     ("text-data-for-image-model", lambda t, b, v, c: ["--model", str(v), "--image-size", "16", "--data", str(c)],
      ["this is text data", "image model"]),
+    ("squad-not-json", lambda t, b, v, c: ["--model", str(b), "--data", _write(t / "b.json", b'{"data": [')],
+     ["b.json", "is not valid JSON", "SQuAD v1.1"]),
+    ("squad-no-data", lambda t, b, v, c: ["--model", str(b), "--data", _write(t / "v.json", b'{"version": "1.1"}')],
+     ["v.json", 'no top-level "data" list']),
+    ("squad-answer-misplaced", lambda t, b, v, c: ["--model", str(b), "--data", _squad(t / "m.json", answer_start=2)],
+     ["m.json", "question 'q1': answer 'Paris' is not at character 2", "fix its answer_start"]),
+    ("squad-no-answers", lambda t, b, v, c: ["--model", str(b), "--data", _squad(t / "n.json", answers=False)],
+     ["n.json", "question 'q1' has no answers", "give it at least one answer"]),
+    ("doc-stride-over-half", lambda t, b, v, c: ["--model", str(b), "--data", _squad(t / "s.json"), "--max-length", "32"],
+     ["--doc-stride=128", "use at most 16"]),
     ("model-missing", lambda t, b, v, c: ["--model", str(t / "none")], ["--model=", "config.json"]),
     ("model-config-corrupt", lambda t, b, v, c: ["--model", str(_model_copy(b, t / "m", replace={"config.json": b"{oops"})), "--data", str(c)],
      ["config.json", "not a Hugging Face config"]),
@@ -106,6 +116,14 @@ CASES = [
     ("yaml-broken", lambda t, b, v, c: ["--config", _write(t / "c.yaml", b"train: [\n")], ["c.yaml", "not valid YAML"]),
     ("resume-no-run", lambda t, b, v, c: ["--resume", str(t)], ["--resume=", "no config.yaml"]),
 ]
+
+
+def _squad(path: Path, answer_start: int = 25, answers: bool = True) -> str:
+    """A one-question SQuAD v1.1 file (the answer "Paris" sits at character 25)."""
+    qa = {"id": "q1", "question": "What is the capital of France?",
+          "answers": [{"text": "Paris", "answer_start": answer_start}] if answers else []}
+    para = {"context": "The capital of France is Paris.", "qas": [qa]}
+    return _write(path, json.dumps({"data": [{"title": "t", "paragraphs": [para]}]}).encode())
 
 
 def _write(path: Path, data: bytes) -> str:

@@ -1,0 +1,81 @@
+"""Question answering data as tensors: SQuAD-format examples split by question, cut into
+token windows once per machine (memory-mapped under <run_dir>/data-cache), and served with
+the same interface as dataset.Dataset: `len`, `label_names`, `batch(rows)`."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import DataConfig
+from ..errors import ConfigError
+from .squad import QA_LABELS, Example, build_features, read_squad, split_examples
+from .store import cache_key, cached_arrays
+
+__all__ = ["QADataset", "load_qa_data"]
+
+
+@dataclass
+class QADataset:
+    """Windows (features) of questions; `examples` are the questions they come from
+    (`arrays["example"]` indexes them), kept for scoring answers against their gold texts."""
+    arrays: dict[str, np.ndarray]
+    examples: list[Example]
+    label_names = QA_LABELS
+
+    def __len__(self) -> int:
+        return len(self.arrays["lengths"])
+
+    def batch(self, rows) -> dict[str, torch.Tensor]:
+        """Model inputs, `labels` (B, 2: start and end token) and `index` (= rows)."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+
+        def take(name: str) -> torch.Tensor:
+            return torch.from_numpy(self.arrays[name][rows.numpy()].astype(np.int64))
+        ids, lengths = take("input_ids"), take("lengths")
+        mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()  # padding is on the right
+        return {"input_ids": ids, "token_type_ids": take("token_type_ids"), "attention_mask": mask,
+                "labels": take("positions"), "index": rows}
+
+
+def load_qa_data(cfg: DataConfig, model, max_length: int, seed: int, run_dir: str | Path,
+                 val_path: str | None = None) -> tuple[QADataset, QADataset]:
+    """(train, validation) windows. Without `val_path` the questions of cfg.data are split
+    seeded by question (cfg.val_fraction); with it, cfg.data trains and `val_path` validates,
+    whole. cfg.train_samples / eval_samples count questions."""
+    tokenizer = model.processor
+    if tokenizer is None or not getattr(tokenizer, "is_fast", False):
+        raise ConfigError(f"--model={model.hf_model.name_or_path!r}: question answering needs a fast tokenizer "
+                          f"(its offsets map answers back to the text); save a tokenizer.json beside the model")
+    if tokenizer.padding_side != "right":
+        raise ConfigError(f"--model={model.hf_model.name_or_path!r}: its tokenizer pads on the "
+                          f"{tokenizer.padding_side}; question answering windows need padding on the right")
+    examples = read_squad(cfg.data)
+    if val_path:
+        train_rows = split_examples(len(examples), 0.0, seed)[0]
+        val_examples = read_squad(val_path, "--val-data")
+        val_rows = np.arange(len(val_examples))
+    else:
+        train_rows, val_rows = split_examples(len(examples), cfg.val_fraction, seed)
+        val_examples = examples
+    if cfg.train_samples:
+        train_rows = train_rows[:cfg.train_samples]
+    if cfg.eval_samples:
+        val_rows = val_rows[:cfg.eval_samples]
+    folder = Path(run_dir) / "data-cache"
+
+    def features(path: str, chosen: list[Example], rows: np.ndarray, scoring: bool) -> QADataset:
+        stat = Path(path).stat()
+        key = cache_key(task="qa", file=str(Path(path).resolve()), size=stat.st_size, mtime=stat.st_mtime_ns,
+                        tokenizer=[type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer)],
+                        max_length=max_length, doc_stride=cfg.doc_stride, scoring=scoring,
+                        rows=hashlib.sha256(np.asarray(rows, dtype=np.int64).tobytes()).hexdigest())
+        arrays = cached_arrays(folder, key, lambda: build_features(chosen, tokenizer, max_length, cfg.doc_stride,
+                                                                  offsets=scoring))
+        return QADataset(arrays, chosen)
+    train = features(cfg.data, [examples[i] for i in train_rows], train_rows, scoring=False)
+    val = features(val_path or cfg.data, [val_examples[i] for i in val_rows], val_rows, scoring=True)
+    return train, val
