@@ -48,8 +48,11 @@ class StepLoader:
     def __call__(self, data: Dataset, steps: Sequence[torch.Tensor]) -> Iterator[tuple[torch.Tensor, dict]]:
         """(rows, batch) for each step's rows in order, the batch's inputs on the device."""
         workers = min(self.workers, len(steps))
+        # a generator of its own: the DataLoader draws its workers' seed from it, not from the
+        # global RNG, whose draws (dropout) must stay those of a run without a loader
         loader = DataLoader(_Steps(data, steps), batch_size=None, shuffle=False, num_workers=workers,
-                            pin_memory=self.device.type == "cuda", prefetch_factor=2 if workers else None)
+                            pin_memory=self.device.type == "cuda", prefetch_factor=2 if workers else None,
+                            generator=torch.Generator())
         for rows, raw in zip(steps, loader):
             if "error" in raw:
                 raise ConfigError(raw["error"])
