@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -36,7 +38,7 @@ def main() -> None:
                                       "max_length": args.max_length, "freeze": "off", "epochs": 3})
     names = describe_data(base.data.data).label_names
     model = load_model(args.model, num_labels=len(names), label_names=names)
-    data = load_data(base.data, model, args.max_length, seed=0)
+    data = load_data(base.data, model, args.max_length, seed=0, cache_dir=Path(tempfile.gettempdir()) / "pt-bench-data")
     counts = [int(k) for k in args.frozen.split(",")] if args.frozen else list(range(model.num_blocks + 1))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     title = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"

@@ -22,7 +22,7 @@ from .config import Config, ConfigError, apply_overrides, config_fields, read_ya
 __all__ = ["main", "build_parser"]
 
 # flags a resume may change: they move work between processes, never the math
-RESUMABLE = {"nproc", "stages", "schedule", "max_restarts", "comm_timeout", "checkpoint_every",
+RESUMABLE = {"nproc", "stages", "loader_workers", "schedule", "max_restarts", "comm_timeout", "checkpoint_every",
              "keep_checkpoints", "compile"}
 LOCK_HELD = "PIPETRANSFORMER_LOCK_HELD"  # set for workers: their launcher holds the lock
 RESUMING = "PIPETRANSFORMER_RESUME"

@@ -22,7 +22,8 @@ __all__ = ["COMMANDS", "build_parser", "main", "command_parser", "add_config_fla
 
 COMMANDS = ("profile", "plan", "bench")
 _PROFILE_FIELDS = ("model", "data", "max_length", "image_size", "batch_size")
-_PLAN_FIELDS = (*_PROFILE_FIELDS, "train_samples", "val_fraction", "epochs", "freeze", "alpha", "freeze_rule",
+_PLAN_FIELDS = (*_PROFILE_FIELDS, "train_samples", "val_fraction", "val_data", "epochs", "freeze", "alpha",
+                "freeze_rule",
                 "stages", "elastic", "schedule", "micro_batches", "balance", "batch_policy", "cache",
                 "cache_host_fraction", "cache_host_bytes", "cache_device_fraction")
 
@@ -142,7 +143,7 @@ def _plan(args) -> int:
 
     from .config import RunFacts
     from .costs import read_profile
-    from .data.sources import describe_data, split_sizes
+    from .data.sources import describe_data, describe_validation, run_sizes
     cfg = config_from_args(args)
     hardware = Hardware(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Hardware)
                            if getattr(args, f.name) is not None})
@@ -151,7 +152,9 @@ def _plan(args) -> int:
     except ValueError:
         raise ConfigError(f"--trace={args.trace!r} is invalid: give frozen blocks per epoch, e.g. 0,2,4,5") from None
     d = cfg.data
-    samples = d.train_samples or split_sizes(describe_data(d.data).labels, d.val_fraction, 0, 0)[0]
+    facts = describe_data(d.data)
+    val = describe_validation(facts, d.val_data) if d.val_data else None
+    samples = run_sizes(facts, val, d.val_fraction, d.train_samples, 0)[0]
     if args.profile:
         profile = read_profile(args.profile)
     else:

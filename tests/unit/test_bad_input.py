@@ -114,6 +114,19 @@ CASES = [
     ("yaml-unknown-key", lambda t, b, v, c: ["--config", _write(t / "c.yaml", b"train: {epoks: 3}\n")], ["epoks", "known keys"]),
     ("yaml-float-epochs", lambda t, b, v, c: ["--config", _write(t / "c.yaml", b"train: {epochs: 1.7}\n")], ["--epochs=1.7", "int"]),
     ("yaml-broken", lambda t, b, v, c: ["--config", _write(t / "c.yaml", b"train: [\n")], ["c.yaml", "not valid YAML"]),
+    ("jsonl-bad-line", lambda t, b, v, c: ["--model", str(b), "--data", _write(t / "d.jsonl", b'{"text": "good", "label": 1}\n{oops\n')],
+     ["d.jsonl", "line 2", "not a JSON object"]),
+    ("parquet-no-label", lambda t, b, v, c: ["--model", str(b), "--data", _parquet(t / "p.parquet", {"text": ["good", "bad"]})],
+     ["p.parquet", "lacks a label column", "['text']"]),
+    ("parquet-random-bytes", lambda t, b, v, c: ["--model", str(b), "--data", _write(t / "r.parquet", b"junk" * 50)],
+     ["r.parquet", "not a readable Parquet file"]),
+    ("datasets-dict-folder", lambda t, b, v, c: ["--model", str(b), "--data", _dataset_dict(t / "dd")],
+     ["dd", "several splits", "pass one split's folder"]),
+    ("val-data-unknown-label", lambda t, b, v, c: ["--model", str(b), "--data", str(c), "--val-data",
+                                                   _write(t / "v.csv", b"text,label\ngood,1\nbad,7\n")],
+     ["--val-data=", "v.csv", "label '7' is not among"]),
+    ("val-data-other-kind", lambda t, b, v, c: ["--model", str(b), "--data", str(c), "--val-data", str(_npz(t / "v.npz", np.zeros((4, 4, 4))))],
+     ["--val-data=", "holds image data but --data holds text"]),
     ("resume-no-run", lambda t, b, v, c: ["--resume", str(t)], ["--resume=", "no config.yaml"]),
 ]
 
@@ -124,6 +137,19 @@ def _squad(path: Path, answer_start: int = 25, answers: bool = True) -> str:
           "answers": [{"text": "Paris", "answer_start": answer_start}] if answers else []}
     para = {"context": "The capital of France is Paris.", "qas": [qa]}
     return _write(path, json.dumps({"data": [{"title": "t", "paragraphs": [para]}]}).encode())
+
+
+def _parquet(path: Path, columns: dict) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table(columns), path)
+    return str(path)
+
+
+def _dataset_dict(folder: Path) -> str:
+    folder.mkdir()
+    (folder / "dataset_dict.json").write_text('{"splits": ["train", "test"]}')
+    return str(folder)
 
 
 def _write(path: Path, data: bytes) -> str:
