@@ -30,25 +30,15 @@ SIZES = {"base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads
          "small": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)}
 
 
-class TokenRows:
-    """Random token rows with varied lengths: the Trainer's dataset interface, in memory."""
+def token_rows(n: int, length: int, vocab: int, seed: int):
+    """Random token rows with varied lengths, as a pipetransformer text data set."""
+    import numpy as np
 
-    def __init__(self, n: int, length: int, vocab: int, seed: int):
-        g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(1000, vocab, (n, length), generator=g)
-        lengths = torch.randint(length // 2, length + 1, (n,), generator=g)
-        self.mask = (torch.arange(length)[None] < lengths[:, None]).long()
-        self.ids *= self.mask
-        self.labels = torch.randint(0, 2, (n,), generator=g)
-        self.label_names = ["0", "1"]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def batch(self, rows) -> dict[str, torch.Tensor]:
-        rows = torch.as_tensor(rows, dtype=torch.long)
-        return {"input_ids": self.ids[rows], "attention_mask": self.mask[rows], "labels": self.labels[rows],
-                "index": rows}
+    from pipetransformer.data.dataset import TextData
+    g = np.random.default_rng(seed)
+    lengths = g.integers(length // 2, length + 1, n)
+    ids = g.integers(1000, vocab, (n, length)) * (np.arange(length)[None] < lengths[:, None])
+    return TextData(ids.astype(np.int32), lengths, np.arange(n), g.integers(0, 2, n), ["0", "1"])
 
 
 def _sync(device: torch.device) -> None:
@@ -56,7 +46,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def plain_loop(hf_model, data: TokenRows, batch: int, steps: int, device, compiled: bool) -> tuple[float, float]:
+def plain_loop(hf_model, data, batch: int, steps: int, device, compiled: bool) -> tuple[float, float]:
     """ms per step of a plain loop over `steps` steps after a warm-up pass; compile seconds."""
     model = hf_model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
@@ -65,10 +55,9 @@ def plain_loop(hf_model, data: TokenRows, batch: int, steps: int, device, compil
     def epoch() -> float:
         start = time.perf_counter()
         for step in range(steps):
-            b = data.batch(torch.arange(step * batch, (step + 1) * batch))
+            b = data.batch(torch.arange(step * batch, (step + 1) * batch), device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                out = run(input_ids=b["input_ids"].to(device, non_blocking=True),
-                          attention_mask=b["attention_mask"].to(device, non_blocking=True),
+                out = run(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                           labels=b["labels"].to(device, non_blocking=True))
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -81,7 +70,7 @@ def plain_loop(hf_model, data: TokenRows, batch: int, steps: int, device, compil
     return 1000 * seconds / steps, warm - seconds if compiled else 0.0
 
 
-def pt_loop(hf_model, data: TokenRows, batch: int, steps: int, frozen: int, cache: str,
+def pt_loop(hf_model, data, batch: int, length: int, steps: int, frozen: int, cache: str,
             compiled: bool) -> tuple[float, float]:
     """ms per step of pipetransformer's epoch loop (one process), after a warm-up epoch; the
     seconds of compiling and of the transition to `frozen` blocks."""
@@ -91,7 +80,7 @@ def pt_loop(hf_model, data: TokenRows, batch: int, steps: int, frozen: int, cach
     model = wrap_model(hf_model)
     # model="minilm-l6" only names the run (fingerprint); the model object is the one timed
     cfg = apply_overrides(Config(), {"model": "minilm-l6", "freeze": "off", "cache": cache, "batch_size": batch,
-                                     "epochs": 50, "compile": compiled, "max_length": data.ids.shape[1],
+                                     "epochs": 50, "compile": compiled, "max_length": length,
                                      "cache_host_fraction": 0.5, "lr": 1e-5,
                                      "run_dir": tempfile.mkdtemp(prefix="pt-step-")})
     trainer = Trainer(cfg, model=model, data=(data, data), progress=False)
@@ -127,7 +116,7 @@ def main() -> None:
     layers = SIZES[size]["num_hidden_layers"]
     frozen = [int(k) for k in args.frozen.split(",")] if args.frozen else [layers * 3 // 4]
     cfg = transformers.BertConfig(vocab_size=30522, num_labels=2, **SIZES[size])
-    data = TokenRows(steps * batch, length, cfg.vocab_size, seed=0)
+    data = token_rows(steps * batch, length, cfg.vocab_size, seed=0)
     title = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"BERT {size} ({layers} x {cfg.hidden_size}), batch {batch} x {length} tokens, {steps} steps per "
           f"epoch, {title}, torch {torch.__version__}", flush=True)
@@ -142,13 +131,13 @@ def main() -> None:
         print(f"{name:>16}: {ms:8.2f} ms/step" + (f"  (compile/transition {setup_s:.1f} s)" if setup_s else ""),
               flush=True)
     record("plain", *plain_loop(fresh(), data, batch, steps, device, compiled=False))
-    record("pt", *pt_loop(fresh(), data, batch, steps, 0, "off", compiled=False))
+    record("pt", *pt_loop(fresh(), data, batch, length, steps, 0, "off", compiled=False))
     for k in frozen:
-        record(f"pt-frozen-{k}", *pt_loop(fresh(), data, batch, steps, k, "off", compiled=False))
-        record(f"pt-cached-{k}", *pt_loop(fresh(), data, batch, steps, k, "on", compiled=False))
+        record(f"pt-frozen-{k}", *pt_loop(fresh(), data, batch, length, steps, k, "off", compiled=False))
+        record(f"pt-cached-{k}", *pt_loop(fresh(), data, batch, length, steps, k, "on", compiled=False))
     if not args.skip_compile:
         record("plain-compiled", *plain_loop(fresh(), data, batch, steps, device, compiled=True))
-        record("pt-compiled", *pt_loop(fresh(), data, batch, steps, 0, "off", compiled=True))
+        record("pt-compiled", *pt_loop(fresh(), data, batch, length, steps, 0, "off", compiled=True))
     plain, pt = rows["plain"]["ms_per_step"], rows["pt"]["ms_per_step"]
     ratios = {"pt_over_plain": pt / plain}
     print(f"pt / plain: {pt / plain:.3f} (target <= 1.03)")

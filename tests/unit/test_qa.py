@@ -119,6 +119,20 @@ def test_describe_and_validate_a_squad_file(squad):
     cfg.validate(1, RunFacts("text", "text", 10, 96, task="classify"))  # the stride is for QA only
 
 
+def test_a_squad_dev_file_validates_a_squad_run_and_nothing_else(squad, tmp_path):
+    from pipetransformer.data.sources import describe_validation, run_sizes
+
+    from conftest import make_csv
+    dev = make_squad(tmp_path / "dev.json", paragraphs=10, seed=1)
+    train = describe_data(str(squad))
+    val = describe_validation(train, str(dev))
+    assert val.task == "qa" and run_sizes(train, val, 0.1, 0, 7) == (120, 7)  # all of train; 7 dev questions
+    with pytest.raises(ConfigError, match=r"--val-data='.*dev.json' is a SQuAD-format file but --data is not"):
+        describe_validation(describe_data(str(make_csv(tmp_path / "r.csv", rows=20))), str(dev))
+    with pytest.raises(ConfigError, match=r"--val-data='.*r2.csv' is no SQuAD-format file but --data is"):
+        describe_validation(train, str(make_csv(tmp_path / "r2.csv", rows=20)))
+
+
 @pytest.mark.parametrize("case, fix", [
     ({"data": [{"paragraphs": [{"context": "abc", "qas": [{"id": "1", "question": "q?",
                                                             "answers": [{"text": "bc", "answer_start": 0}]}]}]}]},
