@@ -136,8 +136,9 @@ def _launch(cfg: Config, resuming: bool) -> int:
         return 128 + int(e.sigval)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        if failure.exitcode == 2:
-            return 2  # rank 0 said why
+        if failure.exitcode == 2:  # bad input met by a worker: its line, once
+            print(_failure_line(cfg, rank, 2), file=sys.stderr)
+            return 2
         if failure.exitcode in (130, 143):  # a worker was signalled on its own
             print(_stopped(cfg), file=sys.stderr)
             return failure.exitcode
@@ -212,7 +213,8 @@ def _train(cfg: Config, resuming: bool) -> int:
     except BaseException as e:  # noqa: B036 - a signal may surface as any error (DCP wraps it)
         signum = distributed.stopping_signal()
         if signum is None and isinstance(e, ConfigError):
-            if rank == 0:
+            # any rank may meet it (a step's rows); our launcher prints the first failing rank's line
+            if not (os.environ.get(LOCK_HELD) and _leave_line(cfg, rank, f"error: {e}")):
                 print(f"error: {e}", file=sys.stderr)
             return 2
         if signum is None and isinstance(e, KeyboardInterrupt):
@@ -244,7 +246,7 @@ def _failed(cfg: Config, rank: int, e: BaseException) -> int:
     if "timed out" in str(e).lower() or "timeout" in str(e).lower():
         text = (f"a peer process did not answer within --comm-timeout={cfg.parallel.comm_timeout:g} s "
                 f"(stopped or dead): {text}")
-    log = Path(cfg.run_dir) / f"error-rank{rank}.log"
+    log = _error_file(cfg, rank)
     line = f"error (rank {rank}): {type(e).__name__}: {text}; traceback in {log}; {_resume_hint(cfg)}"
     try:
         log.write_text(line + "\n\n" + "".join(traceback.format_exception(e)))
@@ -255,10 +257,23 @@ def _failed(cfg: Config, rank: int, e: BaseException) -> int:
     return 1
 
 
+def _error_file(cfg: Config, rank: int) -> Path:
+    return Path(cfg.run_dir) / f"error-rank{rank}.log"
+
+
+def _leave_line(cfg: Config, rank: int, line: str) -> bool:
+    """Write a worker's one-line error where the launcher looks; whether it could."""
+    try:
+        _error_file(cfg, rank).write_text(line + "\n")
+        return True
+    except OSError:
+        return False
+
+
 def _failure_line(cfg: Config, rank: int, exitcode: int) -> str:
     """What the launcher prints for worker `rank` that ended with `exitcode`."""
-    log = Path(cfg.run_dir) / f"error-rank{rank}.log"
-    if exitcode == 1 and log.is_file():
+    log = _error_file(cfg, rank)
+    if exitcode in (1, 2) and log.is_file():
         return log.read_text().split("\n", 1)[0]
     cause = f"died of signal {-exitcode}" if exitcode < 0 else f"ended with exit code {exitcode}"
     return f"error: worker rank {rank} {cause}; {_resume_hint(cfg)}"

@@ -66,8 +66,8 @@ class DataConfig:
                              "text, up to 4 for images; 0: read in the training process)")
 
     def __post_init__(self):
-        if self.loader_workers < -1:
-            raise _bad("loader_workers", self.loader_workers, "use -1 (auto), 0 or a positive count")
+        if not -1 <= self.loader_workers <= 64:
+            raise _bad("loader_workers", self.loader_workers, "use -1 (auto), 0 or a count up to 64")
         if self.image_size < 1:
             raise _bad("image_size", self.image_size, "use a positive side in pixels, e.g. 224")
         if self.train_samples < 0:

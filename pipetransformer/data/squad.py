@@ -140,13 +140,15 @@ def answer_tokens(spans: np.ndarray, start_char: int, end_char: int) -> tuple[in
 
 
 def _check_stride(chunk: list[Example], tokenizer, max_length: int, doc_stride: int) -> None:
-    """Each window holds the question, 3 special tokens and more context tokens than the
-    overlap; the tokenizer fails obscurely otherwise."""
+    """Each window holds the question, the special tokens of a pair (3 for BERT, 4 for
+    RoBERTa) and more context tokens than the overlap; the tokenizer fails obscurely otherwise."""
     questions = tokenizer([e.question.lstrip() for e in chunk], add_special_tokens=False)["input_ids"]
     lengths = [len(ids) for ids in questions]
     longest = int(np.argmax(lengths))
-    room = max_length - lengths[longest] - 3
+    special = tokenizer.num_special_tokens_to_add(pair=True)
+    room = max_length - lengths[longest] - special
     if doc_stride >= room:
+        fix = (f"use --doc-stride {room - 1} or less, or a larger --max-length" if room > 1 else
+               f"use --max-length {lengths[longest] + special + doc_stride + 1} or more, or shorten that question")
         raise ConfigError(f"--doc-stride={doc_stride} is invalid: question {chunk[longest].id!r} takes "
-                          f"{lengths[longest]} of the {max_length} tokens, leaving {room} for context; use "
-                          f"--doc-stride {max(0, room - 1)} or less, or a larger --max-length")
+                          f"{lengths[longest]} of the {max_length} tokens, leaving {room} for context; {fix}")

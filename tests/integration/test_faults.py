@@ -187,3 +187,30 @@ def test_bad_input_found_by_the_workers_is_printed_once(tmp_path, tiny_bert):
     lines = _lines(out.stderr)
     assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
     assert "4.png cannot be read" in lines[0] and "Traceback" not in out.stderr
+
+
+def test_bad_input_met_by_one_rank_alone_is_printed_once(tmp_path):
+    """A truncated image that only replica 1 reads (in its first step): rank 0 never sees it,
+    yet its line reaches the user, once, exit 2."""
+    import numpy as np
+    from PIL import Image
+
+    from pipetransformer.autodp import replica_rows
+    from pipetransformer.data.sampler import BatchSampler
+    from pipetransformer.data.sources import describe_data, image_files, stratified_split
+    vit = make_vit_folder(tmp_path / "vit")
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(16):
+            Image.fromarray(rng.integers(0, 255, (16, 16), np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
+    data = str(tmp_path / "imgs")
+    train_rows = stratified_split(describe_data(data).labels, 0.1, 0)[0]  # the run's split (seed 0)
+    order = BatchSampler(len(train_rows), 0).epoch_order(0)
+    victim = image_files(tmp_path / "imgs")[0][train_rows[int(replica_rows(order, 0, 4, 1, 2)[0])]]
+    victim.write_bytes(victim.read_bytes()[:60])  # the header opens; the pixels are cut off
+    out = run_cli("train", "--model", str(vit), "--data", data, "--image-size", "16", "--batch-size", "4",
+                  "--nproc", "2", "--stages", "1", "--epochs", "1", "--run-dir", str(tmp_path / "run"))
+    lines = _lines(out.stderr)
+    assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
+    assert f"{victim.name} cannot be read" in lines[0] and "Traceback" not in out.stderr
