@@ -75,27 +75,22 @@ def test_a_separate_validation_file(tmp_path, tiny_bert):
     assert bad.returncode == 2 and "training set (64 samples)" in bad.stderr
 
 
-@pytest.mark.parametrize("kind", ["parquet", "datasets"])
-def test_text_from_parquet_and_a_datasets_folder(tmp_path, kind):
+def test_text_from_parquet_and_a_datasets_folder(tmp_path):
     import csv
 
+    import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
     model = make_model_folder(tmp_path / "bert", layers=2)
     rows = list(csv.DictReader(open(make_csv(tmp_path / "r.csv", rows=96))))
     table = pa.table({"sentence": [r["text"] for r in rows], "label": [int(r["label"]) for r in rows]})
-    if kind == "parquet":
-        data = tmp_path / "r.parquet"
-        pq.write_table(table, data)
-    else:
-        import datasets
-        data = tmp_path / "hf"
-        datasets.Dataset(table).save_to_disk(str(data))
+    pq.write_table(table, tmp_path / "r.parquet")
+    datasets.Dataset(table).save_to_disk(str(tmp_path / "hf"))
     runs = []
-    for name, source in (("csv", tmp_path / "r.csv"), (kind, data)):
+    for name, source in (("csv", tmp_path / "r.csv"), ("parquet", tmp_path / "r.parquet"), ("hf", tmp_path / "hf")):
         out = run_cli("train", "--model", str(model), "--data", str(source), "--run-dir", str(tmp_path / name),
                       "--max-length", "16", "--epochs", "1", "--batch-size", "16", "--freeze", "off")
         assert out.returncode == 0, out.stderr[-3000:]
         runs.append(json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1]))
         assert any((tmp_path / name / "data-cache").iterdir())  # tokenised once into the run folder
-    assert runs[0]["step_losses"] == runs[1]["step_losses"]  # the same rows, the same training
+    assert runs[0]["step_losses"] == runs[1]["step_losses"] == runs[2]["step_losses"]  # same rows, same training
