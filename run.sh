@@ -31,11 +31,7 @@ setup
 export HF_HUB_OFFLINE=1
 case "$task" in
   train) exec "$VENV/bin/pipetransformer" train --nproc 2 "$@" ;;
-  test)
-    if [ $# -gt 0 ]; then exec "$PY" -m pytest -q "$@"; fi
-    # two workers for the tests that assert no timing; then, alone on the machine, the ones that do
-    "$PY" -m pytest -q -n 2 -m "not serial"
-    exec "$PY" -m pytest -q -m serial ;;
+  test)  exec "$PY" -m pytest -q "$@" ;;
   lint)  "$VENV/bin/ruff" check pipetransformer tests benchmarks && exec "$VENV/bin/mypy" ;;
   *) echo "usage: bash run.sh {train|test|lint} [args]" >&2; exit 2 ;;
 esac

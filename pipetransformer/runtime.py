@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from .autodp import Layout, Topology
 from .autopipe import UnitCost
@@ -21,6 +20,8 @@ from .models.base import StagedModel, Unit
 from .timing import best_seconds
 
 if TYPE_CHECKING:  # transition.apply builds runtimes: the import runs the other way
+    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
+
     from .transition import TransitionPlan
 
 __all__ = ["LocalStep", "Runtime", "RuntimeEnv", "UnitSequence", "build_runtime", "clip_grad_norm",
@@ -178,6 +179,8 @@ def build_runtime(plan: TransitionPlan, env: RuntimeEnv, opt_state: dict[str, di
     if layout.stages == 1:
         sched = LocalStep(run_module, plan.micro_batches, loss)
     else:
+        # imported here: it pulls in DTensor and dynamo (3-4 s), which a one-stage run never needs
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
         pipe_stage = PipelineStage(run_module, stage, layout.stages, env.device, group=group)
         kind = ScheduleGPipe if env.schedule == "gpipe" else Schedule1F1B
         sched = kind(pipe_stage, n_microbatches=plan.micro_batches, loss_fn=loss)

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import run_cli
 
-pytestmark = [pytest.mark.integration, pytest.mark.serial]
+pytestmark = pytest.mark.integration
 
 
 def test_small_bench_runs_the_ablation_and_writes_its_tables(tmp_path):

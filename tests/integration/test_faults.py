@@ -21,7 +21,7 @@ from pipetransformer.autocache.store import SHM_DIR
 
 from conftest import assert_same_training, make_vit_folder, run_cli
 
-pytestmark = [pytest.mark.integration, pytest.mark.serial]
+pytestmark = pytest.mark.integration
 
 COMMON = ["--freeze", "schedule", "--alpha", "0.2", "--batch-size", "16", "--train-samples", "0",
           "--max-length", "16", "--dropout", "off", "--seed", "3", "--lr", "3e-3", "--checkpoint-every", "2"]
