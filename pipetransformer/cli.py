@@ -136,6 +136,9 @@ def _launch(cfg: Config, resuming: bool) -> int:
         return 128 + int(e.sigval)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
+        bad_input = sorted(r for r, f in e.failures.items() if f.exitcode == 2)
+        if bad_input:  # the cause; a peer's "connection closed" may have been recorded first
+            rank, failure = bad_input[0], e.failures[bad_input[0]]
         if failure.exitcode == 2:  # bad input met by a worker: its line, once
             print(_failure_line(cfg, rank, 2), file=sys.stderr)
             return 2
