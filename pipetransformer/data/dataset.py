@@ -11,6 +11,7 @@ The sampler decides which rows a replica reads, so re-sharding needs no data mov
 """
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 from collections.abc import Callable
@@ -41,10 +42,10 @@ from .sources import (
 )
 from .store import cache_key, cached_arrays
 
-__all__ = ["Dataset", "TextData", "ImageData", "load_data", "pixel_values"]
+__all__ = ["Dataset", "TextData", "ImageData", "length_mask", "load_data", "pixel_values"]
 
 
-class Dataset:
+class Dataset(abc.ABC):
     """Rows of one split; `labels[i]` is row i's label id, `batch(rows)["index"]` its stable key."""
     labels: np.ndarray
     label_names: list[str]
@@ -53,11 +54,13 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @abc.abstractmethod
     def fetch(self, rows) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """Host side, in a loader worker: the compact arrays of `rows`, with labels and index."""
 
+    @abc.abstractmethod
     def finish(self, raw: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """Device side: the model's inputs made from what `fetch` returned."""
 
     def batch(self, rows, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """The model's tensors for `rows` (inputs on `device`; labels and index on the host)."""
@@ -87,10 +90,14 @@ class TextData(Dataset):
 
     def finish(self, raw, device):
         ids = raw["input_ids"].to(device, non_blocking=True)
-        lengths = raw["lengths"].to(device, non_blocking=True)[:, None]
-        pos = torch.arange(ids.shape[1], device=device)
-        mask = pos >= ids.shape[1] - lengths if self.left_padded else pos < lengths
-        return {"input_ids": ids, "attention_mask": mask.long(), "labels": raw["labels"], "index": raw["index"]}
+        mask = length_mask(raw["lengths"].to(device, non_blocking=True), ids.shape[1], self.left_padded)
+        return {"input_ids": ids, "attention_mask": mask, "labels": raw["labels"], "index": raw["index"]}
+
+
+def length_mask(lengths: torch.Tensor, width: int, left_padded: bool = False) -> torch.Tensor:
+    """(B, width) 0/1 attention mask from each row's count of real tokens."""
+    pos = torch.arange(width, device=lengths.device)
+    return (pos >= width - lengths[:, None] if left_padded else pos < lengths[:, None]).long()
 
 
 def pixel_values(pixels: torch.Tensor, image_size: int, mean, std) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 
 from ..config import DataConfig
 from ..errors import ConfigError
-from .dataset import Dataset, tokenizer_id
+from .dataset import Dataset, length_mask, tokenizer_id
 from .squad import QA_LABELS, Example, build_features, read_squad, split_examples
 from .store import cache_key, cached_arrays
 
@@ -44,8 +44,7 @@ class QADataset(Dataset):
     def finish(self, raw, device):
         """Model inputs on `device`; `labels` (B, 2: start and end token) and `index` (= rows)."""
         ids = raw["input_ids"].to(device, non_blocking=True)
-        lengths = raw["lengths"].to(device, non_blocking=True)
-        mask = (torch.arange(ids.shape[1], device=device)[None, :] < lengths[:, None]).long()  # right-padded
+        mask = length_mask(raw["lengths"].to(device, non_blocking=True), ids.shape[1])  # windows pad right
         return {"input_ids": ids, "token_type_ids": raw["token_type_ids"].to(device, non_blocking=True),
                 "attention_mask": mask, "labels": raw["labels"], "index": raw["index"]}
 

@@ -324,9 +324,15 @@ def describe_data(data: str) -> DataFacts:
     """The modality, labels and label names of a data set, without tokenising or decoding it."""
     kind = data_kind(data)
     if kind == "squad":  # a row is a question; its windows are cut when the tokenizer is known
-        return DataFacts("text", np.zeros(len(read_squad(data)), dtype=np.int64), QA_LABELS, "qa")
+        return _squad_facts(data, "--data")
     modality, raw = _read_labels(data, kind)
     return DataFacts(modality, *encode_labels(raw, data))
+
+
+def _squad_facts(path: str, flag: str) -> DataFacts:
+    """A SQuAD file's facts: a row per question, one class (windows are cut once the tokenizer
+    is known)."""
+    return DataFacts("text", np.zeros(len(read_squad(path, flag)), dtype=np.int64), QA_LABELS, "qa")
 
 
 def describe_validation(train: DataFacts, val_data: str) -> DataFacts:
@@ -338,8 +344,7 @@ def describe_validation(train: DataFacts, val_data: str) -> DataFacts:
                               f"but --data {'is' if train.task == 'qa' else 'is not'}; pass validation data of "
                               f"the same kind")
         if kind == "squad":
-            return DataFacts("text", np.zeros(len(read_squad(val_data, "--val-data")), dtype=np.int64),
-                             QA_LABELS, "qa")
+            return _squad_facts(val_data, "--val-data")
         modality, raw = _read_labels(val_data, kind)
     except ConfigError as e:  # the readers name --data; here the file is --val-data
         raise ConfigError(str(e).replace("--data=", "--val-data=", 1)) from None
