@@ -145,6 +145,34 @@ def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, env=env)
 
 
+def run_command(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`pipetransformer ...` as run_cli, but a one-process command runs inside this test
+    process: the same code path (arguments, checks, training, files, exit code, output)
+    without a new interpreter, whose imports (torch, transformers) are 8-10 s of a tiny run's
+    11 on 2 cores. One thread, as run_cli. More processes start workers: run_cli."""
+    import contextlib
+    import io
+
+    import torch
+    import yaml
+
+    from pipetransformer.cli import main
+    nproc = args[args.index("--nproc") + 1] if "--nproc" in args else "1"
+    saved = Path(args[args.index("--resume") + 1]) / "config.yaml" if "--resume" in args else None
+    if saved is not None and saved.is_file() and "--nproc" not in args:
+        nproc = str(yaml.safe_load(saved.read_text())["parallel"]["nproc"])
+    if nproc != "1" or "--config" in args or args[0] == "bench":
+        return run_cli(*args, timeout=timeout)
+    out, err, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    finally:
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(["pipetransformer", *args], code, out.getvalue(), err.getvalue())
+
+
 def assert_same_training(ref, got, tol=1e-5, key_biases=False):
     """Two runs' (records, weights, ...) agree: per-step losses and final weights within tol,
     with the same freezing."""

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from pipetransformer.autocache.store import SHM_DIR
 
-from conftest import assert_same_training, run_cli
+from conftest import assert_same_training, run_command
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +35,7 @@ def _left_behind() -> list:
 
 
 def _run(run_dir, model, data, *extra):
-    out = run_cli("train", "--model", str(model), "--data", str(data), "--run-dir", str(run_dir), *ARGS, *extra)
+    out = run_command("train", "--model", str(model), "--data", str(data), "--run-dir", str(run_dir), *ARGS, *extra)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert not (run_dir / "cache").exists() and not _left_behind()

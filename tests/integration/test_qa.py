@@ -17,7 +17,7 @@ from pipetransformer.data.squad import QA_LABELS
 from pipetransformer.models.loading import load_model, wrap_model
 from pipetransformer.qa_metrics import best_answers, best_span, squad_scores
 
-from conftest import SQUAD_WORDS, assert_same_training, make_model_folder, make_squad, run_cli
+from conftest import SQUAD_WORDS, assert_same_training, make_model_folder, make_squad, run_cli, run_command
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +27,7 @@ MINILM = ["--model", "minilm-l6", "--max-length", "48", "--doc-stride", "8", "--
 
 
 def _train(run_dir, *args):
-    out = run_cli("train", "--run-dir", str(run_dir), *args)
+    out = run_command("train", "--run-dir", str(run_dir), *args)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()], out.stdout
 

@@ -9,7 +9,7 @@ import shutil
 import pytest
 from safetensors.torch import load_file
 
-from conftest import assert_same_training, run_cli
+from conftest import assert_same_training, run_command
 
 pytestmark = pytest.mark.integration
 
@@ -19,7 +19,7 @@ COMMON = ["--freeze", "schedule", "--alpha", "0.5", "--epochs", "4", "--batch-si
 
 
 def _train(run_dir, model, data, *extra):
-    out = run_cli("train", "--model", str(model), "--data", str(data), "--run-dir", str(run_dir), *COMMON, *extra)
+    out = run_command("train", "--model", str(model), "--data", str(data), "--run-dir", str(run_dir), *COMMON, *extra)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     return run_dir
 
@@ -65,7 +65,7 @@ def two_processes(tmp_path_factory, tiny_bert, tiny_csv):
 @pytest.mark.parametrize("index, nproc", [(3, "1"), (2, "2")])
 def test_resume_of_a_one_process_run_on_any_process_count(tmp_path, one_process, index, nproc):
     stopped, (epoch, step) = _stopped_copy(one_process, tmp_path / "run", index)
-    out = run_cli("train", "--resume", str(stopped), "--nproc", nproc)
+    out = run_command("train", "--resume", str(stopped), "--nproc", nproc)
     assert out.returncode == 0, out.stderr[-4000:]
     assert f"resumed from {stopped}/checkpoints/" in out.stdout and f"(epoch {epoch + 1}, step {step})" in out.stdout
     assert_same_end(one_process, stopped, same_layouts=nproc == "1")
@@ -75,7 +75,7 @@ def test_two_processes_equal_one_and_resume_on_one(tmp_path, one_process, two_pr
     assert_same_end(one_process, two_processes)
     stopped, (_, step) = _stopped_copy(two_processes, tmp_path / "run", 6)
     assert step > 0  # mid-epoch, in the 1-stage x 2-replica layout
-    out = run_cli("train", "--resume", str(stopped), "--nproc", "1")
+    out = run_command("train", "--resume", str(stopped), "--nproc", "1")
     assert out.returncode == 0, out.stderr[-4000:]
     assert_same_end(one_process, stopped)
 
@@ -84,7 +84,7 @@ def test_a_four_process_run_resumes_on_two(tmp_path, tiny_bert, tiny_csv):
     four = _train(tmp_path / "four", tiny_bert, tiny_csv, "--nproc", "4")
     assert _records(four)[0]["stages"] == 4
     stopped, _ = _stopped_copy(four, tmp_path / "run", 1)
-    out = run_cli("train", "--resume", str(stopped), "--nproc", "2")
+    out = run_command("train", "--resume", str(stopped), "--nproc", "2")
     assert out.returncode == 0, out.stderr[-4000:]
     assert_same_end(four, stopped)  # the uninterrupted run is the four-process one
 
@@ -92,18 +92,18 @@ def test_a_four_process_run_resumes_on_two(tmp_path, tiny_bert, tiny_csv):
 def test_resume_refuses_what_would_change_the_math_and_foreign_checkpoints(tmp_path, one_process, tiny_csv):
     stopped, _ = _stopped_copy(one_process, tmp_path / "run", 3)
     before = sorted(p.name for p in (stopped / "checkpoints").iterdir())
-    out = run_cli("train", "--resume", str(stopped), "--lr", "1e-3")
+    out = run_command("train", "--resume", str(stopped), "--lr", "1e-3")
     assert out.returncode == 2 and "--lr=0.001 would change the run's math" in out.stderr
     assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
     # the same folder as a new run: refused, with the command that continues it
-    out = run_cli("train", "--model", "minilm-l6", "--data", str(tiny_csv), "--run-dir", str(stopped))
+    out = run_command("train", "--model", "minilm-l6", "--data", str(tiny_csv), "--run-dir", str(stopped))
     assert out.returncode == 2 and f"pipetransformer train --resume {stopped}" in out.stderr
     # a checkpoint made for another data set
     manifest = sorted((stopped / "checkpoints").glob("step-*"))[-1] / "manifest.json"
     raw = json.loads(manifest.read_text())
     raw["fingerprint"]["data"] = "0" * 64
     manifest.write_text(json.dumps(raw))
-    out = run_cli("train", "--resume", str(stopped))
+    out = run_command("train", "--resume", str(stopped))
     assert out.returncode == 2 and "was made with another --data" in out.stderr and "Traceback" not in out.stderr
     # a truncated one: its tensors cut short
     for f in manifest.parent.glob("*.distcp"):
@@ -111,7 +111,7 @@ def test_resume_refuses_what_would_change_the_math_and_foreign_checkpoints(tmp_p
     raw["fingerprint"] = json.loads((one_process / "checkpoints" / manifest.parent.name / "manifest.json")
                                     .read_text())["fingerprint"]
     manifest.write_text(json.dumps(raw))
-    out = run_cli("train", "--resume", str(stopped))
+    out = run_command("train", "--resume", str(stopped))
     assert out.returncode == 2 and "cannot be read" in out.stderr and "Traceback" not in out.stderr
     assert sorted(p.name for p in (stopped / "checkpoints").iterdir()) == before  # nothing deleted
 
@@ -120,10 +120,10 @@ def test_a_failed_final_save_names_the_checkpoint_and_export_writes_final(tmp_pa
     run = tmp_path / "run"
     run.mkdir()
     (run / ".final-tmp").write_text("in the way")  # saving final/ fails as on a full disk
-    out = run_cli("train", "--model", str(tiny_bert), "--data", str(tiny_csv), "--run-dir", str(run), *COMMON)
+    out = run_command("train", "--model", str(tiny_bert), "--data", str(tiny_csv), "--run-dir", str(run), *COMMON)
     assert out.returncode == 1 and "the last good checkpoint is" in out.stderr
     assert f"pipetransformer export {run}" in out.stderr and not (run / "final").exists()
     (run / ".final-tmp").unlink()
-    out = run_cli("export", str(run))
+    out = run_command("export", str(run))
     assert out.returncode == 0, out.stderr[-3000:]
     assert_same_end(one_process, run, same_layouts=True)

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import make_csv, make_model_folder, make_vit_folder, run_cli
+from conftest import make_csv, make_model_folder, make_vit_folder, run_command
 
 pytestmark = pytest.mark.integration
 
@@ -62,16 +62,16 @@ def test_memory_does_not_grow_with_the_number_of_images(tmp_path):
 
 def test_a_separate_validation_file(tmp_path, tiny_bert):
     data, val = make_csv(tmp_path / "train.csv", rows=64), make_csv(tmp_path / "val.csv", rows=24, seed=5)
-    out = run_cli("train", "--model", str(tiny_bert), "--data", str(data), "--val-data", str(val),
-                  "--run-dir", str(tmp_path / "run"), "--max-length", "16", "--epochs", "2", "--batch-size", "16",
+    out = run_command("train", "--model", str(tiny_bert), "--data", str(data), "--val-data", str(val),
+                      "--run-dir", str(tmp_path / "run"), "--max-length", "16", "--epochs", "2", "--batch-size", "16",
                   "--train-samples", "0")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "64 train / 24 val samples" in out.stdout  # all of --data trains, all of the file validates
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["steps"] for r in records] == [4, 4] and 0 <= records[-1]["val_accuracy"] <= 1
     # the launcher counts the training rows of --data, not of a split
-    bad = run_cli("train", "--model", str(tiny_bert), "--data", str(data), "--val-data", str(val),
-                  "--run-dir", str(tmp_path / "run2"), "--max-length", "16", "--batch-size", "128")
+    bad = run_command("train", "--model", str(tiny_bert), "--data", str(data), "--val-data", str(val),
+                      "--run-dir", str(tmp_path / "run2"), "--max-length", "16", "--batch-size", "128")
     assert bad.returncode == 2 and "training set (64 samples)" in bad.stderr
 
 
@@ -88,8 +88,8 @@ def test_text_from_parquet_and_a_datasets_folder(tmp_path):
     datasets.Dataset(table).save_to_disk(str(tmp_path / "hf"))
     runs = []
     for name, source in (("csv", tmp_path / "r.csv"), ("parquet", tmp_path / "r.parquet"), ("hf", tmp_path / "hf")):
-        out = run_cli("train", "--model", str(model), "--data", str(source), "--run-dir", str(tmp_path / name),
-                      "--max-length", "16", "--epochs", "1", "--batch-size", "16", "--freeze", "off")
+        out = run_command("train", "--model", str(model), "--data", str(source), "--run-dir", str(tmp_path / name),
+                          "--max-length", "16", "--epochs", "1", "--batch-size", "16", "--freeze", "off")
         assert out.returncode == 0, out.stderr[-3000:]
         runs.append(json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1]))
         assert any((tmp_path / name / "data-cache").iterdir())  # tokenised once into the run folder
