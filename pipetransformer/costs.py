@@ -50,6 +50,8 @@ class Profile:
     memory_gb: float = 0.0  # the profiled GPU's memory (0 on CPU)
     torch: str = ""
     load_average: float = 0.0  # the machine's, before profiling: other programs slow the times down
+    processes: int = 1    # processes training at once while it was measured (profile --processes)
+    cores: int = 0        # the machine's CPU cores (0: not recorded)
 
     @property
     def num_blocks(self) -> int:
@@ -113,21 +115,31 @@ in 0.13 s, 0.7 GB/s by the ring formula; 0.2 ms a small message)."""
     call_overhead_us: float = _h(0.0, "host time per unit call, forward or backward, that no speed-up "
                                  "shortens (kernel launches on a GPU); a CPU profile already holds its own")
     gpu: bool = _h(False, "the devices are GPUs: bf16 activations and cache, a cache tier in GPU memory")
+    cores: float = _h(0.0, "CPU processes only: cores the devices of one machine share, each device using "
+                      "--threads of them; the profile is taken as measured with all of them busy "
+                      "(0: every device computes alone, as GPUs do)")
+    threads: int = _h(1, "with --cores: threads (cores) each device uses")
     rebuild_seconds: float = _h(0.05, "seconds a transition spends rebuilding stages and schedules")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            low = 1 if f.name == "devices" else 0
-            if not isinstance(value, bool) and (value < low or (f.name.endswith(("speed", "_gb_s")) and not value)):
+            positive = f.name in ("devices", "threads") or f.name.endswith(("speed", "_gb_s"))
+            if not isinstance(value, bool) and (value < 0 or (positive and not value > 0)):
                 raise ConfigError(f"--{f.name.replace('_', '-')}={value!r} is invalid: use a "
-                                  f"{'positive' if f.name != 'per_node' else 'non-negative'} number")
+                                  f"{'positive' if positive else 'non-negative'} number")
         if self.per_node and self.devices % self.per_node and self.devices > self.per_node:
             raise ConfigError(f"--per-node={self.per_node} is invalid: it must divide --devices={self.devices}")
 
     @property
     def node_size(self) -> int:
         return min(self.per_node or self.devices, self.devices)
+
+    @property
+    def oversubscription(self) -> float:
+        """How much slower a device computes while every device of its machine is busy than
+        alone: above 1 when CPU processes want more cores than the machine has."""
+        return max(1.0, self.node_size * self.threads / self.cores) if self.cores else 1.0
 
     def node(self, rank: int) -> int:
         return rank // self.node_size
@@ -149,10 +161,10 @@ in 0.13 s, 0.7 GB/s by the ring formula; 0.2 ms a small message)."""
 def local_hardware(profile: Profile, processes: int) -> Hardware:
     """The machine a profile was measured on, running `processes` processes: GPUs one each;
     CPU processes at the profile's own speed, which `profile --processes N` measures with N
-    copies running at once (so sharing the cores is already in it)."""
+    copies running at once (so sharing the cores is already in it), on the cores it recorded."""
     if profile.device == "cuda":
         return Hardware(processes, memory_gb=profile.memory_gb, intra_gb_s=20.0, latency_us=20.0, gpu=True)
-    return Hardware(processes)
+    return Hardware(processes, cores=profile.cores, threads=profile.threads)
 
 
 def format_profile(profile: Profile) -> str:

@@ -18,6 +18,12 @@ of b/M rows, is priced as
              micro-batches through K stages; the idle part is the bubble)
   all-reduce the active gradients of the slowest stage over its D replicas (ring)
   update     AdamW and the gradient bookkeeping of the slowest stage
+  wait       CPU processes sharing too few cores (`Hardware.cores`): each part above is
+             priced at the speed of a process alone, and slowed by how many processes
+             compute at once (a stage idle in the bubble frees its core for the others)
+
+The profile's times, measured with every process busy (`profile --processes N`), are
+divided by that sharing's slowdown (`Hardware.oversubscription`) to get a process alone.
 
 and an epoch is samples // global batch such steps (evaluation is not included: the trainer's
 `epoch_seconds` leaves it out too). Unit times are linear in the rows (a fixed part per call
@@ -61,6 +67,7 @@ class EpochPlan:
     prefix_seconds: float       # frozen blocks, or reading their cached outputs
     allreduce_seconds: float
     update_seconds: float
+    wait_seconds: float         # for a core shared with other processes (CPU, more processes than cores)
     transition_seconds: float
     peak_memory_gb: float       # the fullest device: weights, gradients, Adam state, activations
     fits: bool                  # within Hardware.memory_gb (always True when that is 0)
@@ -125,12 +132,13 @@ class _Pricer:
         self.act_scale = 0.5 if hardware.gpu and profile.dtype == "float32" else 1.0
         self.sizes = profile.batch_sizes
         self.call = hardware.call_overhead_us * 1e-6
+        self.speed = hardware.speed * hardware.oversubscription  # a process alone, cores to itself
 
     def fwd(self, units: Sequence[UnitProfile], rows: float) -> float:
-        return sum(_linear(self.sizes, u.forward_seconds, rows) / self.d.speed + self.call for u in units)
+        return sum(_linear(self.sizes, u.forward_seconds, rows) / self.speed + self.call for u in units)
 
     def bwd(self, units: Sequence[UnitProfile], rows: float) -> float:
-        return sum(_linear(self.sizes, u.backward_seconds, rows) / self.d.speed + self.call for u in units)
+        return sum(_linear(self.sizes, u.backward_seconds, rows) / self.speed + self.call for u in units)
 
     def split(self, tp: TransitionPlan) -> tuple[list[UnitProfile], list[list[UnitProfile]]]:
         frozen = [u for u in self.p.units if u.freeze_index < tp.frozen]
@@ -165,10 +173,18 @@ class _Pricer:
         across_replicas = [len({d.node(layout.rank(r, s)) for r in range(reps)}) > 1 for s in range(k)]
         allreduce = max(d.all_reduce(sum(u.param_bytes for u in st), reps, a)
                         for st, a in zip(stages, across_replicas))
-        update = max(sum(u.update_seconds for u in st) for st in stages) / d.speed
+        update = max(sum(u.update_seconds for u in st) for st in stages) / self.speed
+        # processes sharing cores: each phase slowed by how many of them compute at once (in a
+        # pipeline's slot j the stages s with 0 <= j - s < m, every replica alike; the prefix
+        # on stage 0 alone; the update everywhere)
+        def slowdown(processes: int) -> float:
+            return max(1.0, processes * d.oversubscription / d.devices)
+        slots = [slowdown(reps * sum(0 <= j - s < m for s in range(k))) for j in range(m + k - 1)]
+        wait = ((sum(slots) / len(slots) - 1) * pipeline(f_hop, b_hop) + (slowdown(reps) - 1) * prefix
+                + (slowdown(d.devices) - 1) * update)
         return {"compute_seconds": busy, "bubble_seconds": no_comm - busy,
                 "p2p_seconds": pipeline(f_hop, b_hop) - no_comm, "prefix_seconds": prefix,
-                "allreduce_seconds": allreduce, "update_seconds": update}
+                "allreduce_seconds": allreduce, "update_seconds": update, "wait_seconds": wait}
 
     def micro_batches(self, tp: TransitionPlan, cache: str, choose: bool) -> int:
         """The trainer's M (--micro-batches, or autopipe.choose_microbatches), or with `choose`
@@ -231,7 +247,8 @@ class _Pricer:
             rows = math.ceil(self.samples / min(d.devices, d.node_size))
             batches = math.ceil(rows / self.cfg.train.batch_size)
             moved = 2 * rows * newly[-1].output_bytes * self.act_scale / (d.host_gb_s * GB)  # read, write back
-            seconds += batches * self.fwd(newly, self.cfg.train.batch_size) + moved
+            # every process at once: at the shared speed where CPU processes outnumber the cores
+            seconds += batches * self.fwd(newly, self.cfg.train.batch_size) * d.oversubscription + moved
         return seconds
 
 
@@ -291,14 +308,14 @@ def predict(profile: Profile, hardware: Hardware, cfg: Config, samples: int, tra
 def format_prediction(pred: Prediction, title: str) -> str:
     """The table `pipetransformer plan` prints for people."""
     lines = [title, f"{'epoch':>5} {'frozen':>6} {'layout':>7} {'M':>3} {'cache':>11} {'seconds':>9} "
-             f"{'compute':>8} {'bubble':>7} {'p2p':>6} {'prefix':>7} {'allred':>7} {'update':>7} "
+             f"{'compute':>8} {'bubble':>7} {'p2p':>6} {'prefix':>7} {'allred':>7} {'update':>7} {'wait':>6} "
              f"{'trans':>6} {'mem GB':>7}"]
     for e in pred.epochs:
         cache = e.cache if e.cache == "off" else f"{e.cache}/{e.cache_tier}"
         lines.append(f"{e.epoch:>5} {e.frozen_layers:>6} {f'{e.stages}x{e.replicas}':>7} {e.micro_batches:>3} "
                      f"{cache:>11} {e.seconds:>9.2f} {e.compute_seconds:>8.2f} {e.bubble_seconds:>7.2f} "
                      f"{e.p2p_seconds:>6.2f} {e.prefix_seconds:>7.2f} {e.allreduce_seconds:>7.2f} "
-                     f"{e.update_seconds:>7.2f} {e.transition_seconds:>6.2f} "
+                     f"{e.update_seconds:>7.2f} {e.wait_seconds:>6.2f} {e.transition_seconds:>6.2f} "
                      f"{e.peak_memory_gb:>6.2f}{'' if e.fits else '!'}")
     a1, a2 = pred.a1[0], pred.a2[0]
     lines.append(f"total {pred.total_seconds:.1f} s; a1 ({a1.stages}x{a1.replicas} fixed, no freezing) "

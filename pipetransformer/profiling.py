@@ -164,7 +164,7 @@ def measure(cfg: Config, processes: int = 1) -> Profile:
             peer.wait()
         if config_file:
             os.unlink(config_file)
-    return dataclasses.replace(profile, load_average=load)
+    return dataclasses.replace(profile, load_average=load, processes=processes, cores=os.cpu_count() or 0)
 
 
 def keep_busy(cfg: Config) -> None:

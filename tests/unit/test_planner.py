@@ -180,3 +180,24 @@ def test_plan_command_prints_json_and_a_table(tmp_path, capsys):
     assert "a1 (16x1 fixed, no freezing)" in capsys.readouterr().out
     assert main([*args, "--stages", "3"]) == 2
     assert "--stages=3" in capsys.readouterr().err
+
+
+def test_cpu_processes_sharing_cores_wait_only_while_more_of_them_compute_than_cores():
+    prof, cfg = _profile(), _config(freeze="off", micro_batches=8)
+    alone = Hardware(4, **FREE)  # the profile's times as each process's own
+    shared = Hardware(4, cores=2, threads=1, **FREE)  # measured with all 4 busy on 2 cores: twice as slow
+    assert shared.oversubscription == 2 and Hardware(2, cores=2, threads=1).oversubscription == 1
+    # data parallel: all 4 replicas compute at once the whole step, at the profiled (shared) speed
+    dp = {h: simulate(prof, h, apply_overrides(cfg, {"stages": 1}), 640, choose_micro_batches=False)[0]
+          for h in (alone, shared)}
+    assert dp[shared].seconds == pytest.approx(dp[alone].seconds)
+    assert dp[shared].wait_seconds == pytest.approx(dp[shared].compute_seconds + dp[shared].update_seconds)
+    # a 4-stage pipeline: stages filling and draining leave cores free, the 4 busy in the middle share 2
+    pp = {h: simulate(prof, h, cfg, 640, choose_micro_batches=False)[0] for h in (alone, shared)}
+    assert pp[shared].stages == 4 and pp[alone].seconds / 2 < pp[shared].seconds < pp[alone].seconds
+    slots = [max(1.0, sum(0 <= j - s < 8 for s in range(4)) / 2) for j in range(11)]  # 1,1,1.5,2,...,1.5,1,1
+    fb = pp[shared].compute_seconds + pp[shared].bubble_seconds + pp[shared].p2p_seconds
+    assert pp[shared].wait_seconds == pytest.approx(fb * (sum(slots) / 11 - 1) + pp[shared].update_seconds,
+                                                    rel=1e-6)
+    with pytest.raises(ConfigError, match="--threads=0 is invalid: use a positive number"):
+        Hardware(2, cores=2, threads=0)
