@@ -308,12 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _config_from_args(args)
         if worker:  # under torchrun: the launcher checked and holds the lock
             restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-            code = _train(cfg, resuming=bool(os.environ.get(RESUMING)) or restarted)
-            if code in (130, 143):  # stopping: its files are gone; skip the slow interpreter teardown
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-            return code
+            return _train(cfg, resuming=bool(os.environ.get(RESUMING)) or restarted)
         cfg.validate(cfg.parallel.nproc)
         lock = None if os.environ.get(LOCK_HELD) else _lock(Path(cfg.run_dir))
         if not args.resume:
@@ -331,5 +326,15 @@ def main(argv: list[str] | None = None) -> int:
             lock.close()
 
 
+def entry() -> None:
+    """The `pipetransformer` command: main(), then out without the interpreter's teardown,
+    which takes 1.3 s once torch and transformers are loaded (every process of a run pays it,
+    the launcher after its workers). By then every file is closed and every worker joined."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
