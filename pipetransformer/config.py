@@ -204,13 +204,17 @@ class CacheConfig:
 @dataclass
 class CheckpointConfig:
     checkpoint_every: int = _f(0, "also checkpoint every N training steps (0: at epoch ends only)")
-    keep_checkpoints: int = _f(2, "how many of the newest checkpoints to keep")
+    keep_checkpoints: int = _f(2, "how many of the newest checkpoints to keep (0: write none; a stopped "
+                               "run then starts over)")
 
     def __post_init__(self):
         if self.checkpoint_every < 0:
             raise _bad("checkpoint_every", self.checkpoint_every, "use 0 (epoch ends only) or a step count")
-        if self.keep_checkpoints < 1:
-            raise _bad("keep_checkpoints", self.keep_checkpoints, "keep at least 1 checkpoint")
+        if self.keep_checkpoints < 0:
+            raise _bad("keep_checkpoints", self.keep_checkpoints, "use 0 (no checkpoints) or a count to keep")
+        if self.checkpoint_every and not self.keep_checkpoints:
+            raise _bad("checkpoint_every", self.checkpoint_every, "checkpoints are off (--keep-checkpoints 0): "
+                       "drop --checkpoint-every or keep at least 1")
 
 
 @dataclass

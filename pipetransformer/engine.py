@@ -122,6 +122,8 @@ class Trainer:
 
     def _checkpoint(self, epoch: int, step: int, partial: dict | None = None) -> None:
         """Save where training stands: the next step to run is (epoch, step). Collective."""
+        if not self.cfg.checkpoint.keep_checkpoints:
+            return
         snap = checkpoint.Snapshot(epoch, step, self.samples_seen, self.freeze.state_dict(), self.records,
                                    partial or {}, self.world, self.rt.layout.stages, self.fingerprint)
         tensors = checkpoint.owned_tensors(self.model, self.rt, self.meter)

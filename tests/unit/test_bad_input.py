@@ -58,6 +58,8 @@ CASES = [
     ("image-size-zero", lambda t, b, v, c: ["--image-size", "0"], ["--image-size=0", "positive"]),
     ("epochs-zero", lambda t, b, v, c: ["--epochs", "0"], ["--epochs=0", "at least 1"]),
     ("comm-timeout-zero", lambda t, b, v, c: ["--comm-timeout", "0"], ["--comm-timeout=0.0", "seconds"]),
+    ("checkpoints-off-but-every", lambda t, b, v, c: ["--keep-checkpoints", "0", "--checkpoint-every", "5"],
+     ["--checkpoint-every=5", "--keep-checkpoints 0", "drop --checkpoint-every"]),
     ("csv-not-utf8", lambda t, b, v, c: ["--model", str(b), "--data", _write(t / "l1.csv", "text,label\ncaf\xe9,1\n".encode("latin-1"))],
      ["is not UTF-8", "l1.csv"]),
     ("csv-random-bytes", lambda t, b, v, c: ["--model", str(b), "--data", _write(t / "r.csv", bytes(range(256)) * 4)],
