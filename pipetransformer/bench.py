@@ -325,9 +325,14 @@ def run_bench(base: Config, rows: Sequence[str], seeds: int, out: Path, profile_
             cfg.validate(nproc)
         except ConfigError as e:
             raise ConfigError(f"bench row {name}: {e}") from None
+    profile_path = Path(profile_file) if profile_file else out / "profile.json"
+    given = read_profile(profile_path) if profile_file else None
+    if given and given.device == "cpu" and given.cores and given.processes != nproc:
+        raise ConfigError(f"--profile={profile_file!r} was measured as one of {given.processes} process(es) "
+                          f"and this bench runs {nproc}: its times would not be theirs; profile with "
+                          f"`pipetransformer profile --processes {nproc}` or drop --profile")
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    profile_path = Path(profile_file) if profile_file else out / "profile.json"
     if not profile_path.exists():
         say(f"profiling {base.model.model} (batch {base.train.batch_size}, as {nproc} process(es) run it; load "
             f"average {os.getloadavg()[0]:.1f})")

@@ -70,6 +70,9 @@ def _resume_config(args) -> Config:
             raise ConfigError(f"{flag}={value!r} would change the run's math (it has "
                               f"{getattr(getattr(cfg, section), key)!r}); a resume keeps the run's "
                               f"settings: drop {flag}, or start a new run")
+    if given.get("keep_checkpoints", 1) == 0 and cfg.checkpoint.keep_checkpoints:
+        raise ConfigError("--keep-checkpoints=0 is invalid on a resume: the run's older checkpoints would "
+                          "stay, and a later stop or restart would go back to them; keep at least 1")
     p = cfg.parallel
     if p.batch_policy == "per-replica":  # the starting layout sets each replica's batch and the LR
         for key in ("nproc", "stages"):
@@ -194,6 +197,8 @@ def _stopped(cfg: Config) -> str:
 
 def _resume_hint(cfg: Config) -> str:
     from .checkpoint import latest
+    if not cfg.checkpoint.keep_checkpoints:
+        return "checkpoints are off (--keep-checkpoints 0): run it again to start over"
     last = latest(Path(cfg.run_dir))
     where = f"the last checkpoint is {last}" if last else "no checkpoint was written yet"
     return f"{where}; resume with: pipetransformer train --resume {cfg.run_dir}"

@@ -255,6 +255,9 @@ class Config:
         if facts.image_size is not None and d.image_size != facts.image_size:
             raise _bad("image_size", d.image_size, f"{m.model!r} takes {facts.image_size} x "
                        f"{facts.image_size} images; use --image-size {facts.image_size}")
+        if p.max_restarts and not self.checkpoint.keep_checkpoints:
+            raise _bad("max_restarts", p.max_restarts, "a restart continues from the last checkpoint and "
+                       "checkpoints are off (--keep-checkpoints 0); keep at least 1 or use --max-restarts 0")
         stages = p.stages or world
         if world % stages:
             raise _bad("stages", p.stages, f"it must divide the number of processes ({world}); "

@@ -54,6 +54,14 @@ class Profile:
     cores: int = 0        # the machine's CPU cores (0: not recorded)
 
     @property
+    def sharing(self) -> float:
+        """How much the co-running processes slowed these times: above 1 when the CPU
+        processes profiled together wanted more cores than the machine had."""
+        if self.device != "cpu" or not self.cores:
+            return 1.0
+        return max(1.0, self.processes * self.threads / self.cores)
+
+    @property
     def num_blocks(self) -> int:
         return max(u.freeze_index for u in self.units if u.name != "head") + 1
 
@@ -139,7 +147,11 @@ in 0.13 s, 0.7 GB/s by the ring formula; 0.2 ms a small message)."""
     def oversubscription(self) -> float:
         """How much slower a device computes while every device of its machine is busy than
         alone: above 1 when CPU processes want more cores than the machine has."""
-        return max(1.0, self.node_size * self.threads / self.cores) if self.cores else 1.0
+        return self.slowdown(self.node_size)
+
+    def slowdown(self, busy: int) -> float:
+        """How much slower each of `busy` processes of one machine computes than alone."""
+        return max(1.0, busy * self.threads / self.cores) if self.cores and not self.gpu else 1.0
 
     def node(self, rank: int) -> int:
         return rank // self.node_size
@@ -164,7 +176,8 @@ def local_hardware(profile: Profile, processes: int) -> Hardware:
     copies running at once (so sharing the cores is already in it), on the cores it recorded."""
     if profile.device == "cuda":
         return Hardware(processes, memory_gb=profile.memory_gb, intra_gb_s=20.0, latency_us=20.0, gpu=True)
-    return Hardware(processes, cores=profile.cores, threads=profile.threads)
+    # the threads `train --nproc N` gives each process (cli._launch)
+    return Hardware(processes, cores=profile.cores, threads=max(1, profile.cores // processes) if profile.cores else 1)
 
 
 def format_profile(profile: Profile) -> str:

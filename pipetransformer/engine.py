@@ -101,7 +101,11 @@ class Trainer:
         if found is None:
             self.rt = build_runtime(plan(self.plans, 0, self.plans.start_stages), self.env, {})
         else:
-            self._resume(found)
+            try:
+                self._resume(found)
+            except BaseException:  # the cache may have opened: its files go (no Trainer to close)
+                self.cache.close()
+                raise
 
     def _resume(self, path) -> None:
         """Continue from checkpoint `path`: freeze state, layout (re-planned for this number of

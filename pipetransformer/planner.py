@@ -22,8 +22,8 @@ of b/M rows, is priced as
              priced at the speed of a process alone, and slowed by how many processes
              compute at once (a stage idle in the bubble frees its core for the others)
 
-The profile's times, measured with every process busy (`profile --processes N`), are
-divided by that sharing's slowdown (`Hardware.oversubscription`) to get a process alone.
+The profile's times are first divided by the slowdown its own co-running processes caused
+(`Profile.sharing`: `profile --processes N` on the machine's cores) to get a process alone.
 
 and an epoch is samples // global batch such steps (evaluation is not included: the trainer's
 `epoch_seconds` leaves it out too). Unit times are linear in the rows (a fixed part per call
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -132,7 +133,7 @@ class _Pricer:
         self.act_scale = 0.5 if hardware.gpu and profile.dtype == "float32" else 1.0
         self.sizes = profile.batch_sizes
         self.call = hardware.call_overhead_us * 1e-6
-        self.speed = hardware.speed * hardware.oversubscription  # a process alone, cores to itself
+        self.speed = hardware.speed * profile.sharing  # a process alone, cores to itself
 
     def fwd(self, units: Sequence[UnitProfile], rows: float) -> float:
         return sum(_linear(self.sizes, u.forward_seconds, rows) / self.speed + self.call for u in units)
@@ -174,14 +175,15 @@ class _Pricer:
         allreduce = max(d.all_reduce(sum(u.param_bytes for u in st), reps, a)
                         for st, a in zip(stages, across_replicas))
         update = max(sum(u.update_seconds for u in st) for st in stages) / self.speed
-        # processes sharing cores: each phase slowed by how many of them compute at once (in a
-        # pipeline's slot j the stages s with 0 <= j - s < m, every replica alike; the prefix
-        # on stage 0 alone; the update everywhere)
-        def slowdown(processes: int) -> float:
-            return max(1.0, processes * d.oversubscription / d.devices)
-        slots = [slowdown(reps * sum(0 <= j - s < m for s in range(k))) for j in range(m + k - 1)]
-        wait = ((sum(slots) / len(slots) - 1) * pipeline(f_hop, b_hop) + (slowdown(reps) - 1) * prefix
-                + (slowdown(d.devices) - 1) * update)
+        # processes sharing cores: each phase slowed by how many of them compute at once on the
+        # busiest machine (in a pipeline's slot j the stages s with 0 <= j - s < m, every
+        # replica alike; the prefix on stage 0 alone; the update everywhere)
+        def slowdown(stages_busy: Sequence[int]) -> float:
+            per_node = Counter(d.node(layout.rank(r, s)) for r in range(reps) for s in stages_busy)
+            return d.slowdown(max(per_node.values()))
+        slots = [slowdown([s for s in range(k) if 0 <= j - s < m]) for j in range(m + k - 1)]
+        wait = ((sum(slots) / len(slots) - 1) * pipeline(f_hop, b_hop) + (slowdown([0]) - 1) * prefix
+                + (slowdown(range(k)) - 1) * update)
         return {"compute_seconds": busy, "bubble_seconds": no_comm - busy,
                 "p2p_seconds": pipeline(f_hop, b_hop) - no_comm, "prefix_seconds": prefix,
                 "allreduce_seconds": allreduce, "update_seconds": update, "wait_seconds": wait}

@@ -75,6 +75,10 @@ class Recorder:
             save_final(model, self.run_dir)
         except OSError as e:
             from .checkpoint import latest
+            if latest(self.run_dir) is None:
+                raise RuntimeError(f"saving {self.run_dir / 'final'} failed ({e.strerror or e}); there is no "
+                                   f"checkpoint to write it from (--keep-checkpoints 0): free space or fix "
+                                   f"permissions and run again") from e
             raise RuntimeError(f"saving {self.run_dir / 'final'} failed ({e.strerror or e}); the last good "
                                f"checkpoint is {latest(self.run_dir)}; once the cause is fixed, write "
                                f"final/ from it with: pipetransformer export {self.run_dir}") from e

@@ -149,14 +149,18 @@ def run_command(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """`pipetransformer ...` as run_cli, but a one-process command runs inside this test
     process: the same code path (arguments, checks, training, files, exit code, output)
     without a new interpreter, whose imports (torch, transformers) are 8-10 s of a tiny run's
-    11 on 2 cores. One thread, as run_cli. More processes start workers: run_cli."""
+    11 on 2 cores. One thread, as run_cli; Python warnings are printed into its stderr as
+    the command's would be (text C++ writes to file descriptor 2 is not caught). More
+    processes start workers: run_cli."""
     import contextlib
     import io
+    import warnings
 
     import torch
     import yaml
 
     from pipetransformer.cli import main
+    args = tuple(part for a in args for part in (a.split("=", 1) if a.startswith("--") and "=" in a else [a]))
     nproc = args[args.index("--nproc") + 1] if "--nproc" in args else "1"
     saved = Path(args[args.index("--resume") + 1]) / "config.yaml" if "--resume" in args else None
     if saved is not None and saved.is_file() and "--nproc" not in args:
@@ -165,9 +169,18 @@ def run_command(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
         return run_cli(*args, timeout=timeout)
     out, err, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
     torch.set_num_threads(1)
+    def show(message, category, filename, lineno, file=None, line=None):
+        err.write(warnings.formatwarning(message, category, filename, lineno, line))
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main(list(args))
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.simplefilter("default")  # as a fresh interpreter: each warning once, these ignored
+            for quiet in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", quiet)
+            warnings.showwarning = show
+            try:
+                code = main(list(args))
+            except SystemExit as e:  # argparse's own errors
+                code = e.code if isinstance(e.code, int) else 2
     finally:
         torch.set_num_threads(threads)
     return subprocess.CompletedProcess(["pipetransformer", *args], code, out.getvalue(), err.getvalue())

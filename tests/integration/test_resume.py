@@ -95,6 +95,8 @@ def test_resume_refuses_what_would_change_the_math_and_foreign_checkpoints(tmp_p
     out = run_command("train", "--resume", str(stopped), "--lr", "1e-3")
     assert out.returncode == 2 and "--lr=0.001 would change the run's math" in out.stderr
     assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    out = run_command("train", "--resume", str(stopped), "--keep-checkpoints", "0")  # older ones would stay
+    assert out.returncode == 2 and "--keep-checkpoints=0 is invalid on a resume" in out.stderr
     # the same folder as a new run: refused, with the command that continues it
     out = run_command("train", "--model", "minilm-l6", "--data", str(tiny_csv), "--run-dir", str(stopped))
     assert out.returncode == 2 and f"pipetransformer train --resume {stopped}" in out.stderr
@@ -127,3 +129,14 @@ def test_a_failed_final_save_names_the_checkpoint_and_export_writes_final(tmp_pa
     out = run_command("export", str(run))
     assert out.returncode == 0, out.stderr[-3000:]
     assert_same_end(one_process, run, same_layouts=True)
+
+
+def test_without_checkpoints_a_failed_final_save_says_to_run_again(tmp_path, tiny_bert, tiny_csv):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".final-tmp").write_text("in the way")
+    common = COMMON[:COMMON.index("--checkpoint-every")]  # its checkpoint flags come last
+    out = run_command("train", "--model", str(tiny_bert), "--data", str(tiny_csv), "--run-dir", str(run), *common,
+                      "--keep-checkpoints", "0", "--epochs", "1")
+    assert out.returncode == 1 and "there is no checkpoint to write it from (--keep-checkpoints 0)" in out.stderr
+    assert "run it again to start over" in out.stderr and not (run / "checkpoints").exists()

@@ -1,6 +1,9 @@
 """`bench`'s pure part: runs -> rows, time to accuracy, speedups, tables; and its flags."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from pipetransformer.bench import (
@@ -15,6 +18,8 @@ from pipetransformer.bench import (
     train_seconds,
 )
 from pipetransformer.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(seconds, accuracy, frozen=None, transitions=None, layout=(1, 2)):
@@ -89,4 +94,12 @@ def test_bench_flags_are_checked_before_anything_runs(tmp_path, capsys):
     assert main(["bench", "--small", "--seeds", "0", "--out", str(tmp_path / "b")]) == 2
     assert main(["bench", "--small", "--batch-size", "3", "--out", str(tmp_path / "b")]) == 2
     assert "bench row a1" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+    # a profile of another process count: its times are not the runs'
+    profile = tmp_path / "p.json"
+    profile.write_text(json.dumps({**json.loads((ROOT / "benchmarks" / "results" / "profile_bert-base_cpu.json")
+                                                 .read_text()), "processes": 1, "cores": 2}))
+    assert main(["bench", "--small", "--profile", str(profile), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "was measured as one of 1 process(es) and this bench runs 2" in err and "--processes 2" in err
     assert not (tmp_path / "b").exists()

@@ -184,20 +184,31 @@ def test_plan_command_prints_json_and_a_table(tmp_path, capsys):
 
 def test_cpu_processes_sharing_cores_wait_only_while_more_of_them_compute_than_cores():
     prof, cfg = _profile(), _config(freeze="off", micro_batches=8)
-    alone = Hardware(4, **FREE)  # the profile's times as each process's own
-    shared = Hardware(4, cores=2, threads=1, **FREE)  # measured with all 4 busy on 2 cores: twice as slow
-    assert shared.oversubscription == 2 and Hardware(2, cores=2, threads=1).oversubscription == 1
-    # data parallel: all 4 replicas compute at once the whole step, at the profiled (shared) speed
-    dp = {h: simulate(prof, h, apply_overrides(cfg, {"stages": 1}), 640, choose_micro_batches=False)[0]
-          for h in (alone, shared)}
-    assert dp[shared].seconds == pytest.approx(dp[alone].seconds)
-    assert dp[shared].wait_seconds == pytest.approx(dp[shared].compute_seconds + dp[shared].update_seconds)
+    # measured as one of 4 processes on 2 cores (each at half speed), planned on that machine
+    prof4, shared = dataclasses.replace(prof, processes=4, cores=2), Hardware(4, cores=2, threads=1, **FREE)
+    assert prof4.sharing == shared.oversubscription == 2 and Hardware(2, cores=2).oversubscription == 1
+    assert Hardware(4, cores=2, gpu=True).oversubscription == 1  # GPUs do not share cores
+    # data parallel: all 4 replicas compute the whole step at once, at the profiled (shared) speed
+    dp_cfg = apply_overrides(cfg, {"stages": 1})
+    dp = simulate(prof4, shared, dp_cfg, 640, choose_micro_batches=False)[0]
+    assert dp.seconds == pytest.approx(simulate(prof, Hardware(4, **FREE), dp_cfg, 640, choose_micro_batches=False)[0]
+                                       .seconds)
+    assert dp.wait_seconds == pytest.approx(dp.compute_seconds + dp.update_seconds)
     # a 4-stage pipeline: stages filling and draining leave cores free, the 4 busy in the middle share 2
-    pp = {h: simulate(prof, h, cfg, 640, choose_micro_batches=False)[0] for h in (alone, shared)}
-    assert pp[shared].stages == 4 and pp[alone].seconds / 2 < pp[shared].seconds < pp[alone].seconds
+    alone = simulate(prof, Hardware(4, **FREE), cfg, 640, choose_micro_batches=False)[0]
+    pp = simulate(prof4, shared, cfg, 640, choose_micro_batches=False)[0]
+    assert pp.stages == 4 and alone.seconds / 2 < pp.seconds < alone.seconds
     slots = [max(1.0, sum(0 <= j - s < 8 for s in range(4)) / 2) for j in range(11)]  # 1,1,1.5,2,...,1.5,1,1
-    fb = pp[shared].compute_seconds + pp[shared].bubble_seconds + pp[shared].p2p_seconds
-    assert pp[shared].wait_seconds == pytest.approx(fb * (sum(slots) / 11 - 1) + pp[shared].update_seconds,
-                                                    rel=1e-6)
+    fb = pp.compute_seconds + pp.bubble_seconds + pp.p2p_seconds
+    assert pp.wait_seconds == pytest.approx(fb * (sum(slots) / 11 - 1) + pp.update_seconds, rel=1e-6)
+    # a profile of one process alone, planned for 4 on 2 cores: no division, the same waits
+    solo = simulate(prof, shared, cfg, 640, choose_micro_batches=False)[0]
+    assert solo.seconds == pytest.approx(2 * pp.seconds)
+    # two machines of 2 processes and 1 core each: a slot is as slow as its busiest machine
+    # (stages 0,1 on one, 2,3 on the other; with 4 micro-batches: 1,2,2,2,2,2,1)
+    two_machines = Hardware(4, per_node=2, cores=1, threads=1, **FREE)
+    two = simulate(prof, two_machines, apply_overrides(cfg, {"micro_batches": 4}), 640, choose_micro_batches=False)[0]
+    fb = two.compute_seconds + two.bubble_seconds + two.p2p_seconds
+    assert two.wait_seconds == pytest.approx(fb * (12 / 7 - 1) + two.update_seconds, rel=1e-6)
     with pytest.raises(ConfigError, match="--threads=0 is invalid: use a positive number"):
         Hardware(2, cores=2, threads=0)
