@@ -123,7 +123,8 @@ def _launch(cfg: Config, resuming: bool) -> int:
             logging.getLogger(name).setLevel(logging.CRITICAL)
     _stop_workers_promptly()
     n = cfg.parallel.nproc
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    from .costs import threads_per_process
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_process(os.cpu_count() or 1, n)))
     os.environ[LOCK_HELD] = "1"
     os.environ[RESUMING] = "1" if resuming else ""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=f"pipetransformer-{os.getpid()}-", delete=False) as f:

@@ -14,7 +14,7 @@ from .autopipe import UnitCost
 from .errors import ConfigError
 
 __all__ = ["PROFILE_FORMAT", "GB", "UnitProfile", "Profile", "Hardware", "read_profile", "write_profile",
-           "format_profile", "local_hardware"]
+           "format_profile", "local_hardware", "threads_per_process", "core_sharing"]
 
 PROFILE_FORMAT = "pipetransformer-profile/1"
 GB = 1e9
@@ -57,9 +57,7 @@ class Profile:
     def sharing(self) -> float:
         """How much the co-running processes slowed these times: above 1 when the CPU
         processes profiled together wanted more cores than the machine had."""
-        if self.device != "cpu" or not self.cores:
-            return 1.0
-        return max(1.0, self.processes * self.threads / self.cores)
+        return core_sharing(self.processes, self.threads, self.cores) if self.device == "cpu" else 1.0
 
     @property
     def num_blocks(self) -> int:
@@ -98,6 +96,17 @@ def read_profile(path: str | Path) -> Profile:
 
 def write_profile(profile: Profile, path: str | Path) -> None:
     Path(path).write_text(json.dumps(profile.to_dict(), indent=1) + "\n")
+
+
+def threads_per_process(cores: int, processes: int) -> int:
+    """The threads `train --nproc N` gives each CPU process: the cores shared out."""
+    return max(1, cores // processes)
+
+
+def core_sharing(processes: float, threads: int, cores: float) -> float:
+    """How much slower each of `processes` CPU processes of `threads` threads computes than
+    alone on `cores` cores (1 when they fit, or when the cores are unknown: 0)."""
+    return max(1.0, processes * threads / cores) if cores else 1.0
 
 
 def _h(default, help: str):
@@ -151,7 +160,7 @@ in 0.13 s, 0.7 GB/s by the ring formula; 0.2 ms a small message)."""
 
     def slowdown(self, busy: int) -> float:
         """How much slower each of `busy` processes of one machine computes than alone."""
-        return max(1.0, busy * self.threads / self.cores) if self.cores and not self.gpu else 1.0
+        return 1.0 if self.gpu else core_sharing(busy, self.threads, self.cores)
 
     def node(self, rank: int) -> int:
         return rank // self.node_size
@@ -176,8 +185,7 @@ def local_hardware(profile: Profile, processes: int) -> Hardware:
     copies running at once (so sharing the cores is already in it), on the cores it recorded."""
     if profile.device == "cuda":
         return Hardware(processes, memory_gb=profile.memory_gb, intra_gb_s=20.0, latency_us=20.0, gpu=True)
-    # the threads `train --nproc N` gives each process (cli._launch)
-    return Hardware(processes, cores=profile.cores, threads=max(1, profile.cores // processes) if profile.cores else 1)
+    return Hardware(processes, cores=profile.cores, threads=threads_per_process(profile.cores, processes))
 
 
 def format_profile(profile: Profile) -> str:

@@ -24,7 +24,7 @@ import yaml
 from torch import nn
 
 from .config import Config
-from .costs import Profile, UnitProfile
+from .costs import Profile, UnitProfile, threads_per_process
 from .data.sources import describe_data
 from .distributed import device_for
 from .models.base import StagedModel, Unit
@@ -143,7 +143,7 @@ def measure(cfg: Config, processes: int = 1) -> Profile:
     peers: list[subprocess.Popen] = []
     config_file = None
     if processes > 1 and not torch.cuda.is_available():
-        threads = max(1, (os.cpu_count() or 1) // processes)
+        threads = threads_per_process(os.cpu_count() or 1, processes)
         torch.set_num_threads(threads)
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="pipetransformer-", delete=False) as f:
             yaml.safe_dump(cfg.to_dict(), f)
