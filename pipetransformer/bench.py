@@ -26,6 +26,7 @@ import yaml
 from .config import Config, apply_overrides
 from .errors import ConfigError
 from .recorder import primary_metric
+from .stopping import end_child
 
 __all__ = ["Variant", "VARIANTS", "DEFAULT_ROWS", "Preset", "PRESETS", "TARGET_MARGIN", "elapsed", "train_seconds",
            "mean_curve", "time_to_target", "summarize", "format_table", "markdown_table", "check_targets",
@@ -278,7 +279,11 @@ def _cli(*args: str) -> list[str]:
 
 def _run(cmd: list[str], log: Path) -> None:
     with open(log, "w") as f:
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        child = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            rc = child.wait()
+        finally:  # stopped by a signal: the run stops its workers and removes its files
+            end_child(child)
     if rc:
         tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
         raise RuntimeError(f"`{' '.join(cmd[1:])}` failed (exit {rc}); its output, {log}, ends:\n{tail}")

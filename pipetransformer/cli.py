@@ -18,6 +18,7 @@ from pathlib import Path
 from .commands import COMMANDS, add_config_flags, command_parser, config_from_args, flag_values
 from .commands import main as run_command
 from .config import Config, ConfigError, apply_overrides, config_fields, read_yaml
+from .stopping import restore_signals, stop_on_signals, stopping_signal
 
 __all__ = ["main", "build_parser"]
 
@@ -210,7 +211,7 @@ def _train(cfg: Config, resuming: bool) -> int:
     from . import distributed
     from .autocache.store import remove_orphans
     from .engine import Trainer
-    previous = distributed.stop_on_signals()
+    previous = stop_on_signals()
     rank = int(os.environ.get("RANK", 0))
     trainer: Trainer | None = None
     try:
@@ -220,7 +221,7 @@ def _train(cfg: Config, resuming: bool) -> int:
         trainer.fit()
         return 0
     except BaseException as e:  # noqa: B036 - a signal may surface as any error (DCP wraps it)
-        signum = distributed.stopping_signal()
+        signum = stopping_signal()
         if signum is None and isinstance(e, ConfigError):
             # any rank may meet it (a step's rows); our launcher prints the first failing rank's line
             if not (os.environ.get(LOCK_HELD) and _leave_line(cfg, rank, f"error: {e}")):
@@ -236,8 +237,8 @@ def _train(cfg: Config, resuming: bool) -> int:
             raise
         return _failed(cfg, rank, e)
     finally:
-        distributed.restore_signals(previous)
-        if distributed.stopping_signal() is not None:  # exiting now: remove files, skip the teardown
+        restore_signals(previous)
+        if stopping_signal() is not None:  # exiting now: remove files, skip the teardown
             if trainer is not None:
                 trainer.cache.close()
         else:

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 import time
 from pathlib import Path
 
 from .bench import DEFAULT_ROWS, PRESETS, VARIANTS
-from .config import Config, ConfigError, apply_overrides, config_fields, parse_on_off, read_yaml
+from .config import Config, ConfigError, apply_overrides, config_fields, describe_run, parse_on_off, read_yaml
 from .costs import Hardware
+from .stopping import restore_signals, stop_on_signals, stopping_signal
 
 __all__ = ["COMMANDS", "build_parser", "main", "command_parser", "add_config_flags", "flag_values",
            "config_from_args"]
@@ -131,6 +133,9 @@ def _profile(args) -> int:
     cfg = config_from_args(args)
     if args.busy:
         keep_busy(cfg)
+        return 0
+    facts = describe_run(cfg)  # the model's own limits; the rows are synthetic, so any data size will do
+    cfg.validate(1, dataclasses.replace(facts, train_rows=max(facts.train_rows, cfg.train.batch_size)))
     profile = measure(cfg, args.processes)
     write_profile(profile, args.out)
     print(format_profile(profile))
@@ -159,6 +164,7 @@ def _plan(args) -> int:
         profile = read_profile(args.profile)
     else:
         from .profiling import measure
+        cfg.validate(hardware.devices)  # before profiling: the model folder's own limits too
         profile = measure(cfg)
     cfg.validate(hardware.devices, RunFacts(profile.modality, profile.modality, len(profile.units), samples))
     from .planner import format_prediction, predict  # loads torch (through transition): only now
@@ -183,7 +189,8 @@ def _bench(args) -> int:
     seeds = preset.seeds if args.seeds is None else args.seeds
     if seeds < 1:
         raise ConfigError(f"--seeds={seeds} is invalid: run at least 1 seed")
-    out = Path(args.out or time.strftime("runs/bench-%Y%m%d-%H%M%S"))
+    args.out = args.out or time.strftime("runs/bench-%Y%m%d-%H%M%S")  # the stop line names it
+    out = Path(args.out)
     try:
         run_bench(cfg, rows, seeds, out, args.profile, args.command_line)
     except RuntimeError as e:  # a train run failed: its log says why
@@ -196,8 +203,28 @@ def main(argv: list[str]) -> int:
     """Run `pipetransformer <argv>` for the commands here: exit 2 with one line on bad input."""
     args = build_parser().parse_args(argv)
     args.command_line = "pipetransformer " + " ".join(argv)
+    previous = stop_on_signals()
     try:
         return {"profile": _profile, "plan": _plan, "bench": _bench}[args.command](args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except SystemExit:
+        signum = stopping_signal()
+        if signum is None:
+            raise
+        if not getattr(args, "busy", False):  # a co-running profile copy: its parent says it
+            print(_stopped(args, signal.Signals(signum).name), file=sys.stderr)
+        return 128 + signum
+    finally:
+        restore_signals(previous)
+
+
+def _stopped(args, name: str) -> str:
+    """The one line a command stopped by a signal ends with (its child processes have ended)."""
+    if args.command == "bench":
+        return (f"bench stopped by {name}; its finished runs are in {args.out}: run it again with "
+                f"--out {args.out} to go on from them")
+    if args.command == "profile":
+        return f"profile stopped by {name}; {args.out} was not written: run it again"
+    return f"plan stopped by {name}: run it again"

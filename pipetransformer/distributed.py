@@ -1,18 +1,13 @@
-"""Process-group start-up: under torchrun, or a one-process group for a plain call; how a
-process stops on a signal."""
+"""Process-group start-up: under torchrun, or a one-process group for a plain call."""
 from __future__ import annotations
 
 import datetime
 import os
-import signal
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["init", "shutdown", "device_for", "local_rank_world", "sum_over_world", "stop_on_signals",
-           "restore_signals", "stopping_signal"]
-
-_stopped_by: list[int] = []  # the signal that is stopping this process, if any
+__all__ = ["init", "shutdown", "device_for", "local_rank_world", "sum_over_world"]
 
 
 def device_for(local_rank: int) -> torch.device:
@@ -65,25 +60,3 @@ def sum_over_world(t: torch.Tensor, comm_device: torch.device) -> torch.Tensor:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def stop_on_signals() -> dict:
-    """SIGTERM and SIGINT become SystemExit(128 + signal), so `finally` blocks (cache files)
-    run; `stopping_signal()` then tells any error that follows apart from a real failure.
-    Returns the handlers it replaced (for `restore_signals`)."""
-    _stopped_by.clear()
-    def handler(signum, frame):
-        if not _stopped_by:
-            _stopped_by.append(signum)
-            raise SystemExit(128 + signum)
-    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-
-def restore_signals(previous: dict) -> None:
-    """Training is over: a signal has nothing left to stop (and must not raise in shutdown)."""
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
-
-
-def stopping_signal() -> int | None:
-    return _stopped_by[0] if _stopped_by else None

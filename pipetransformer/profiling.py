@@ -30,6 +30,7 @@ from .distributed import device_for
 from .models.base import StagedModel, Unit
 from .models.loading import load_model
 from .runtime import UnitSequence, profile_units
+from .stopping import end_child
 from .timing import best_seconds
 
 __all__ = ["measure", "measure_profile", "keep_busy", "synthetic_inputs"]
@@ -71,7 +72,7 @@ def synthetic_inputs(model: StagedModel, rows: int, seq_len: int) -> tuple:
     g = torch.Generator().manual_seed(0)
     if model.modality == "text":
         vocab = model.hf_model.config.vocab_size
-        return model.inputs({"input_ids": torch.randint(5, vocab, (rows, seq_len), generator=g),
+        return model.inputs({"input_ids": torch.randint(min(5, vocab - 1), vocab, (rows, seq_len), generator=g),
                              "attention_mask": torch.ones(rows, seq_len, dtype=torch.long)})
     return model.inputs({"pixel_values": torch.randn(rows, 3, seq_len, seq_len, generator=g)})
 
@@ -145,7 +146,8 @@ def measure(cfg: Config, processes: int = 1) -> Profile:
     if processes > 1 and not torch.cuda.is_available():
         threads = threads_per_process(os.cpu_count() or 1, processes)
         torch.set_num_threads(threads)
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="pipetransformer-", delete=False) as f:
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=f"pipetransformer-{os.getpid()}-",
+                                         delete=False) as f:
             yaml.safe_dump(cfg.to_dict(), f)
         config_file = f.name
         peers = [subprocess.Popen([sys.executable, "-m", "pipetransformer", "profile", "--config", config_file,
@@ -160,18 +162,19 @@ def measure(cfg: Config, processes: int = 1) -> Profile:
         profile = measure_profile(model, cfg.model.model, sizes, side, device_for(0))
     finally:
         for peer in peers:
-            peer.terminate()
-            peer.wait()
+            end_child(peer, grace_seconds=10)
         if config_file:
             os.unlink(config_file)
     return dataclasses.replace(profile, load_average=load, processes=processes, cores=os.cpu_count() or 0)
 
 
 def keep_busy(cfg: Config) -> None:
-    """A co-running copy: train the whole model on the largest batch until stopped."""
+    """A co-running copy: train the whole model on the largest batch until stopped, or until
+    its parent is gone (killed: nothing would stop this copy)."""
+    parent = os.getppid()
     model, sizes, side = _load(cfg)
     inputs = synthetic_inputs(model, sizes[-1], side)
     model.hf_model.train()
     print("ready", flush=True)
-    while True:
+    while os.getppid() == parent:
         model.forward(*inputs).float().sum().backward()

@@ -15,7 +15,7 @@ blocks k..k'-1 and is written back over itself (`advance`): the blocks keep the 
 the level moves to k' in place, with no second copy alive and the same budgets. The next
 batch's entries are read ahead on a background thread while the current step computes.
 
-Files are removed by `close()`, at exit, and on SIGTERM (see distributed.stop_on_signals).
+Files are removed by `close()`, at exit, and on SIGTERM (see stopping.stop_on_signals).
 """
 from __future__ import annotations
 

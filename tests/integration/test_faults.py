@@ -1,7 +1,8 @@
 """Faults and signals: a signal stops every process within seconds with one line (and the run
-resumes), a killed worker is restarted from the last checkpoint with the same result, a
-stopped peer ends the run within --comm-timeout, one run folder serves one run at a time,
-and cache files of dead runs are removed."""
+resumes; a profile's co-running copies and a bench's runs stop too), a killed worker is
+restarted from the last checkpoint with the same result, a stopped peer ends the run within
+--comm-timeout, one run folder serves one run at a time, and cache files of dead runs are
+removed."""
 from __future__ import annotations
 
 import json
@@ -28,11 +29,14 @@ COMMON = ["--freeze", "schedule", "--alpha", "0.2", "--batch-size", "16", "--tra
           "--max-length", "16", "--dropout", "off", "--seed", "3", "--lr", "3e-3", "--checkpoint-every", "2"]
 
 
-def _start(run_dir, model, data, *extra) -> subprocess.Popen:
+def _spawn(*args: str) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "pipetransformer", "train", "--model", str(model),
-                             "--data", str(data), "--run-dir", str(run_dir), *COMMON, *extra],
+    return subprocess.Popen([sys.executable, "-m", "pipetransformer", *args],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _start(run_dir, model, data, *extra) -> subprocess.Popen:
+    return _spawn("train", "--model", str(model), "--data", str(data), "--run-dir", str(run_dir), *COMMON, *extra)
 
 
 def _wait_for(condition, proc, seconds=120):
@@ -58,10 +62,28 @@ def _children(pid):
     return [int(p) for p in out.split()]
 
 
+def _descendants(pid):
+    children = _children(pid)
+    return children + [d for c in children for d in _descendants(c)]
+
+
+def _command_line(pid):
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _environ(pid) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+    except OSError:  # gone meanwhile
+        return []
+
+
 def _worker(launcher_pid, rank):
     for pid in _children(launcher_pid):
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        if f"RANK={rank}".encode() in environ:
+        if f"RANK={rank}" in _environ(pid):
             return pid
     raise AssertionError(f"no worker of rank {rank} under {launcher_pid}")
 
@@ -105,6 +127,58 @@ def test_a_signal_stops_every_process_with_one_line_and_the_run_resumes(tmp_path
     # the stopped run continues from its last checkpoint (its settings: 400 epochs; end it early)
     out = run_cli("train", "--resume", str(run), "--epochs", "2")
     assert out.returncode == 2 and "--epochs=2 would change the run's math" in out.stderr
+
+
+def _start_profile(tmp_path, model, data) -> tuple[subprocess.Popen, list[int]]:
+    """A 2-process profile (about 20 s on 2 cores), once its co-running copy trains."""
+    proc = _spawn("profile", "--processes", "2", "--model", str(model), "--data", str(data), "--batch-size", "512",
+                  "--max-length", "40", "--out", str(tmp_path / "profile.json"))
+    _wait_for(lambda: "--busy" in " ".join(_command_line(p) for p in _children(proc.pid)), proc)
+    time.sleep(8)  # the copy has loaded the model and trains until stopped; the parent times the units
+    copies = _children(proc.pid)
+    assert copies and all(_alive(p) for p in copies) and proc.poll() is None
+    return proc, copies
+
+
+def test_a_signal_stops_a_profile_and_its_co_running_copies(tmp_path, tiny_bert, tiny_csv):
+    proc, copies = _start_profile(tmp_path, tiny_bert, tiny_csv)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err[-3000:]
+    out = tmp_path / "profile.json"
+    assert _lines(err) == [f"profile stopped by SIGTERM; {out} was not written: run it again"]
+    assert not any(_alive(p) for p in copies) and not out.exists()
+    assert not list(Path(tempfile.gettempdir()).glob(f"pipetransformer-{proc.pid}-*.yaml"))
+
+
+def test_a_co_running_profile_copy_ends_when_its_parent_is_killed(tmp_path, tiny_bert, tiny_csv):
+    proc, copies = _start_profile(tmp_path, tiny_bert, tiny_csv)
+    proc.kill()  # no handler runs: the copy must notice by itself
+    proc.wait()
+    deadline = time.time() + 30
+    while any(_alive(p) for p in copies):
+        assert time.time() < deadline, "a profile copy outlived its killed parent"
+        time.sleep(0.2)
+
+
+def test_a_signal_stops_a_bench_and_every_process_of_its_run(tmp_path, tiny_bert, tiny_csv):
+    out = tmp_path / "bench"
+    proc = _spawn("bench", "--small", "--model", str(tiny_bert), "--data", str(tiny_csv), "--max-length", "16",
+                  "--train-samples", "0", "--eval-samples", "0", "--configs", "a2", "--epochs", "400",
+                  "--out", str(out))
+    _wait_for(lambda: list(out.glob("runs/a2-seed*/config.yaml"))  # training has begun
+              and any("RANK=1" in _environ(p) for p in _descendants(proc.pid)), proc, seconds=180)
+    processes = _descendants(proc.pid)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-3000:]
+    assert time.time() - sent < 10
+    assert _lines(err) == [f"bench stopped by SIGTERM; its finished runs are in {out}: run it again with "
+                           f"--out {out} to go on from them"]
+    assert not any(_alive(p) for p in processes)
+    [log] = (out / "logs").glob("a2-seed*.log")
+    assert "stopped during epoch" in log.read_text()
 
 
 def test_a_killed_worker_restarts_from_the_last_checkpoint_with_the_same_result(tmp_path, tiny_bert, tiny_csv):

@@ -19,6 +19,8 @@ from pipetransformer.planner import _linear, assumed_trace, predict, simulate
 from pipetransformer.profiling import measure_profile
 from pipetransformer.transition import PlanInputs, next_plan, plan
 
+from conftest import make_csv, make_model_folder
+
 MS = 1e-3
 
 
@@ -180,6 +182,15 @@ def test_plan_command_prints_json_and_a_table(tmp_path, capsys):
     assert "a1 (16x1 fixed, no freezing)" in capsys.readouterr().out
     assert main([*args, "--stages", "3"]) == 2
     assert "--stages=3" in capsys.readouterr().err
+
+
+def test_profile_and_plan_check_the_model_before_timing_it(tmp_path, capsys):
+    model, data = make_model_folder(tmp_path / "bert", layers=2), make_csv(tmp_path / "r.csv", rows=40)
+    for command in (["profile", "--out", str(tmp_path / "p.json")], ["plan"]):
+        assert main([*command, "--model", str(model), "--data", str(data), "--max-length", "64"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--max-length=64" in err and "40 positions" in err, err
+    assert not (tmp_path / "p.json").exists()
 
 
 def test_cpu_processes_sharing_cores_wait_only_while_more_of_them_compute_than_cores():
