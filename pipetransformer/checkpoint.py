@@ -53,9 +53,10 @@ class Snapshot:
     fingerprint: dict
 
 
-def fingerprint(cfg, label_names: list[str], num_blocks: int, task: str = "classify") -> dict:
+def fingerprint(cfg, label_names: list[str], num_blocks: int, task: str = "classify",
+                data_cache: Path | None = None) -> dict:
     """What a resume must find unchanged: the model's architecture and the data (and the task,
-    which export needs to rebuild the head)."""
+    which export needs to rebuild the head). A data file's digest is kept in `data_cache`."""
     from .data.sources import BUILTIN
     from .models.catalog import BUILTIN as BUILTIN_MODELS
     from .models.catalog import resolve_model_path
@@ -63,7 +64,24 @@ def fingerprint(cfg, label_names: list[str], num_blocks: int, task: str = "class
     data = cfg.data.data
     return {"model": cfg.model.model if cfg.model.model in BUILTIN_MODELS else _sha(model_cfg),
             "num_blocks": num_blocks, "labels": label_names, "task": task,
-            "data": data if data in BUILTIN else _sha(Path(data))}
+            "data": data if data in BUILTIN else _data_digest(Path(data), data_cache)}
+
+
+def _data_digest(path: Path, data_cache: Path | None) -> str:
+    """sha256 of the data, for a file computed once per machine and version of the file (path,
+    size, modification time: the key the tokenised arrays use) and kept in `data_cache`: every
+    process of every start and resume would otherwise read a file of many gigabytes whole."""
+    if path.is_dir() or data_cache is None:
+        return _sha(path)
+    import numpy as np
+
+    from .data.store import cache_key, cached_arrays
+    stat = path.stat()
+    key = cache_key(sha256=str(path.resolve()), size=stat.st_size, mtime=stat.st_mtime_ns)
+
+    def digest():
+        yield {"sha256": np.frombuffer(bytes.fromhex(_sha(path)), np.uint8)[None]}
+    return bytes(cached_arrays(data_cache, key, digest)["sha256"][0]).hex()
 
 
 def _sha(path: Path) -> str:

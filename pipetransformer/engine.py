@@ -68,8 +68,9 @@ class Trainer:
             _disable_dropout(model.hf_model)
         self.train_data: Dataset
         self.val_data: Dataset
+        data_cache = Path(cfg.run_dir) / "data-cache"
         self.train_data, self.val_data = data or load_data(cfg.data, model, cfg.model.max_length, cfg.train.seed,
-                                                           Path(cfg.run_dir) / "data-cache")
+                                                           data_cache)
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
         self.loader = StepLoader(loader_workers(cfg.data.loader_workers, model.modality, local_processes),
                                  self.device)
@@ -95,7 +96,8 @@ class Trainer:
                                self.recorder.run_dir, t.batch_size, self.recorder.log)
         self.samples_seen, self.records = 0, list[dict]()
         self.total_samples = t.epochs * self.sampler.steps(t.batch_size) * t.batch_size
-        self.fingerprint = checkpoint.fingerprint(cfg, self.train_data.label_names, model.num_blocks, model.task)
+        self.fingerprint = checkpoint.fingerprint(cfg, self.train_data.label_names, model.num_blocks, model.task,
+                                                  data_cache)
         self.epoch, self.first_step, self.partial = 0, 0, dict[str, list]()
         self.resumed, found = resume, checkpoint.latest(self.recorder.run_dir) if resume else None
         if found is None:

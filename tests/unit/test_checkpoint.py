@@ -50,3 +50,22 @@ def test_a_foreign_checkpoint_is_refused_by_name():
         checkpoint.check_fingerprint("ck", stored, {**stored, "num_blocks": 3})
     with pytest.raises(ConfigError, match="was made with another --data"):
         checkpoint.check_fingerprint("ck", stored, {**stored, "labels": ["a", "b"]})
+
+
+def test_a_data_file_is_hashed_once_per_version_of_it(tmp_path):
+    """The digest is the file's sha256, kept under the data cache by path, size and
+    modification time: a resume does not read a large file again (the tokenised arrays trust
+    the same key), and a file changed in place is hashed anew."""
+    import hashlib
+    import os
+
+    from pipetransformer.checkpoint import _data_digest
+    data, cache = tmp_path / "d.csv", tmp_path / "data-cache"
+    data.write_bytes(b"text,label\ngood,1\n")
+    assert _data_digest(data, cache) == hashlib.sha256(data.read_bytes()).hexdigest()
+    stat = data.stat()
+    data.write_bytes(b"text,label\nbad!,0\n")  # same size; the old time put back: the kept digest
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert _data_digest(data, cache) == hashlib.sha256(b"text,label\ngood,1\n").hexdigest()
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert _data_digest(data, cache) == hashlib.sha256(b"text,label\nbad!,0\n").hexdigest()
