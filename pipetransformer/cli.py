@@ -124,8 +124,8 @@ def _launch(cfg: Config, resuming: bool) -> int:
             logging.getLogger(name).setLevel(logging.CRITICAL)
     _stop_workers_promptly()
     n = cfg.parallel.nproc
-    from .costs import threads_per_process
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_process(os.cpu_count() or 1, n)))
+    from .costs import threads_per_process, usable_cores
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_process(usable_cores(), n)))
     os.environ[LOCK_HELD] = "1"
     os.environ[RESUMING] = "1" if resuming else ""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=f"pipetransformer-{os.getpid()}-", delete=False) as f:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +97,12 @@ def read_profile(path: str | Path) -> Profile:
 
 def write_profile(profile: Profile, path: str | Path) -> None:
     Path(path).write_text(json.dumps(profile.to_dict(), indent=1) + "\n")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (a container or `taskset` may
+    allow fewer than the machine has)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def threads_per_process(cores: int, processes: int) -> int:

@@ -24,7 +24,7 @@ import yaml
 from torch import nn
 
 from .config import Config
-from .costs import Profile, UnitProfile, threads_per_process
+from .costs import Profile, UnitProfile, threads_per_process, usable_cores
 from .data.sources import describe_data
 from .distributed import device_for
 from .models.base import StagedModel, Unit
@@ -60,7 +60,7 @@ def measure_profile(model: StagedModel, name: str, batch_sizes: Sequence[int], s
         props = torch.cuda.get_device_properties(device)
         device_name, memory = props.name, props.total_memory
     else:
-        device_name, memory = f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)", 0
+        device_name, memory = f"{platform.processor() or platform.machine()} ({usable_cores()} cores)", 0
     return Profile(name, model.modality, units, tuple(batch_sizes), seq_len, device.type, device_name,
                    torch.get_num_threads(), "bfloat16" if cuda else "float32", time.strftime("%Y-%m-%d"),
                    memory / 1e9, torch.__version__)
@@ -144,7 +144,7 @@ def measure(cfg: Config, processes: int = 1) -> Profile:
     peers: list[subprocess.Popen] = []
     config_file = None
     if processes > 1 and not torch.cuda.is_available():
-        threads = threads_per_process(os.cpu_count() or 1, processes)
+        threads = threads_per_process(usable_cores(), processes)
         torch.set_num_threads(threads)
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=f"pipetransformer-{os.getpid()}-",
                                          delete=False) as f:
@@ -165,7 +165,7 @@ def measure(cfg: Config, processes: int = 1) -> Profile:
             end_child(peer, grace_seconds=10)
         if config_file:
             os.unlink(config_file)
-    return dataclasses.replace(profile, load_average=load, processes=processes, cores=os.cpu_count() or 0)
+    return dataclasses.replace(profile, load_average=load, processes=processes, cores=usable_cores())
 
 
 def keep_busy(cfg: Config) -> None:

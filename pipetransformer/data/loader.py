@@ -5,12 +5,12 @@ device here, in the training process."""
 from __future__ import annotations
 
 import multiprocessing
-import os
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader
 
+from ..costs import usable_cores
 from ..errors import ConfigError
 from .dataset import Dataset
 
@@ -29,8 +29,7 @@ def loader_workers(setting: int, modality: str, local_processes: int) -> int:
         return setting
     if modality == "text":
         return 0
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(4, cpus // max(1, local_processes))
+    return min(4, usable_cores() // max(1, local_processes))
 
 
 class _Steps(torch.utils.data.Dataset):

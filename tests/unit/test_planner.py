@@ -186,6 +186,7 @@ def test_plan_command_prints_json_and_a_table(tmp_path, capsys):
 
 def test_profile_and_plan_check_the_model_before_timing_it(tmp_path, capsys):
     model, data = make_model_folder(tmp_path / "bert", layers=2), make_csv(tmp_path / "r.csv", rows=40)
+    capsys.readouterr()  # making the folder may draw a progress bar
     for command in (["profile", "--out", str(tmp_path / "p.json")], ["plan"]):
         assert main([*command, "--model", str(model), "--data", str(data), "--max-length", "64"]) == 2
         err = capsys.readouterr().err
@@ -223,3 +224,15 @@ def test_cpu_processes_sharing_cores_wait_only_while_more_of_them_compute_than_c
     assert two.wait_seconds == pytest.approx(fb * (12 / 7 - 1) + two.update_seconds, rel=1e-6)
     with pytest.raises(ConfigError, match="--threads=0 is invalid: use a positive number"):
         Hardware(2, cores=2, threads=0)
+
+
+def test_cores_are_the_ones_this_process_may_use():
+    """A process pinned to one core (taskset, a container) gives its runs one thread and
+    records one core in its profile, whatever the machine has."""
+    import subprocess
+    import sys
+    code = ("import os; os.sched_setaffinity(0, {0}); "
+            "from pipetransformer.costs import usable_cores, threads_per_process; "
+            "print(usable_cores(), threads_per_process(usable_cores(), 1))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1", "1"]
