@@ -25,8 +25,8 @@ import yaml
 
 from .config import Config, apply_overrides
 from .errors import ConfigError
-from .recorder import primary_metric
-from .stopping import end_child
+from .recorder import primary_metric, write_atomically
+from .stopping import end_children
 
 __all__ = ["Variant", "VARIANTS", "DEFAULT_ROWS", "Preset", "PRESETS", "TARGET_MARGIN", "elapsed", "train_seconds",
            "mean_curve", "time_to_target", "summarize", "format_table", "markdown_table", "check_targets",
@@ -279,11 +279,13 @@ def _cli(*args: str) -> list[str]:
 
 def _run(cmd: list[str], log: Path) -> None:
     with open(log, "w") as f:
-        child = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        # a session of its own: a signal to the terminal's group reaches the run once, from here
+        child = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
             rc = child.wait()
         finally:  # stopped by a signal: the run stops its workers and removes its files
-            end_child(child)
+            end_children([child])
     if rc:
         tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
         raise RuntimeError(f"`{' '.join(cmd[1:])}` failed (exit {rc}); its output, {log}, ends:\n{tail}")
@@ -381,7 +383,7 @@ def run_bench(base: Config, rows: Sequence[str], seeds: int, out: Path, profile_
     (out / "bench.md").write_text(f"`{command}` ({result['date']}, {result['machine']['processor']}, "
                                   f"{result['machine']['cpus']} CPUs)\n\n{markdown_table(summary)}\n\n{targets}")
     plot_bench(summary, curves, predicted, out / "bench.png")
-    (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_atomically(out / "bench.json", json.dumps(result, indent=1) + "\n")  # its presence: a finished bench
     say(format_table(summary))
     say("\n".join(result["targets"]))
     say(format_predictions(summary, predicted))

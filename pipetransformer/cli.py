@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -133,10 +134,13 @@ def _launch(cfg: Config, resuming: bool) -> int:
     launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=cfg.parallel.max_restarts,
                           monitor_interval=0.2, shutdown_timeout=5)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         elastic_launch(launch, sys.executable)("-u", "-m", "pipetransformer", "train", "--config", f.name)
         return 0
     except SignalException as e:
+        for sig in handlers:  # the workers are stopped: a second signal must not cut the clean-up short
+            signal.signal(sig, signal.SIG_IGN)
         print(_stopped(cfg), file=sys.stderr)
         return 128 + int(e.sigval)
     except ChildFailedError as e:
@@ -156,6 +160,8 @@ def _launch(cfg: Config, resuming: bool) -> int:
         os.unlink(f.name)
         for key in (LOCK_HELD, RESUMING):
             os.environ.pop(key, None)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def _stop_workers_promptly() -> None:
@@ -237,11 +243,12 @@ def _train(cfg: Config, resuming: bool) -> int:
             raise
         return _failed(cfg, rank, e)
     finally:
-        restore_signals(previous)
         if stopping_signal() is not None:  # exiting now: remove files, skip the teardown
             if trainer is not None:
-                trainer.cache.close()
+                trainer.cache.close()  # the handler stays until then: a second signal is ignored
+            restore_signals(previous)
         else:
+            restore_signals(previous)
             if trainer is not None:
                 trainer.close()
             distributed.shutdown()

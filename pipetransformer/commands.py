@@ -134,8 +134,7 @@ def _profile(args) -> int:
     if args.busy:
         keep_busy(cfg)
         return 0
-    facts = describe_run(cfg)  # the model's own limits; the rows are synthetic, so any data size will do
-    cfg.validate(1, dataclasses.replace(facts, train_rows=max(facts.train_rows, cfg.train.batch_size)))
+    cfg.check_fit(describe_run(cfg))  # the model's own limits (the rows it times are synthetic)
     profile = measure(cfg, args.processes)
     write_profile(profile, args.out)
     print(format_profile(profile))
@@ -226,5 +225,5 @@ def _stopped(args, name: str) -> str:
         return (f"bench stopped by {name}; its finished runs are in {args.out}: run it again with "
                 f"--out {args.out} to go on from them")
     if args.command == "profile":
-        return f"profile stopped by {name}; {args.out} was not written: run it again"
+        return f"profile stopped by {name} before it finished; run it again"
     return f"plan stopped by {name}: run it again"

@@ -239,22 +239,8 @@ class Config:
         (read without torch, in well under a second), so the launcher runs this before any
         worker starts; the Trainer runs it again on what it loaded."""
         facts = facts or describe_run(self)
-        m, d, t, p = self.model, self.data, self.train, self.parallel
-        if facts.data_modality != facts.model_modality:
-            raise _bad("data", d.data, f"this is {facts.data_modality} data but --model={m.model!r} "
-                       f"is a {facts.model_modality} model; pass data of its kind")
-        if d.augment != "off" and facts.model_modality != "image":
-            raise _bad("augment", d.augment, f"augmentation is for image models and {m.model!r} is a "
-                       f"{facts.model_modality} model; use --augment off")
-        if facts.task == "qa" and d.doc_stride > m.max_length // 2:
-            raise _bad("doc_stride", d.doc_stride, f"windows of --max-length={m.max_length} tokens need room "
-                       f"for the question besides the shared context; use at most {m.max_length // 2}")
-        if facts.max_positions is not None and m.max_length > facts.max_positions:
-            raise _bad("max_length", m.max_length, f"{m.model!r} has {facts.max_positions} positions; "
-                       f"use at most {facts.max_positions}")
-        if facts.image_size is not None and d.image_size != facts.image_size:
-            raise _bad("image_size", d.image_size, f"{m.model!r} takes {facts.image_size} x "
-                       f"{facts.image_size} images; use --image-size {facts.image_size}")
+        self.check_fit(facts)
+        m, t, p = self.model, self.train, self.parallel
         if p.max_restarts and not self.checkpoint.keep_checkpoints:
             raise _bad("max_restarts", p.max_restarts, "a restart continues from the last checkpoint and "
                        "checkpoints are off (--keep-checkpoints 0); keep at least 1 or use --max-restarts 0")
@@ -289,6 +275,26 @@ class Config:
         if facts.train_rows < t.batch_size:
             raise _bad("batch_size", t.batch_size, f"it is larger than the training set "
                        f"({facts.train_rows} samples); lower it or use more --train-samples")
+
+    def check_fit(self, facts: RunFacts) -> None:
+        """The checks of the model against the data and the input sizes alone (what `profile`
+        needs; `validate` runs them first)."""
+        m, d = self.model, self.data
+        if facts.data_modality != facts.model_modality:
+            raise _bad("data", d.data, f"this is {facts.data_modality} data but --model={m.model!r} "
+                       f"is a {facts.model_modality} model; pass data of its kind")
+        if d.augment != "off" and facts.model_modality != "image":
+            raise _bad("augment", d.augment, f"augmentation is for image models and {m.model!r} is a "
+                       f"{facts.model_modality} model; use --augment off")
+        if facts.task == "qa" and d.doc_stride > m.max_length // 2:
+            raise _bad("doc_stride", d.doc_stride, f"windows of --max-length={m.max_length} tokens need room "
+                       f"for the question besides the shared context; use at most {m.max_length // 2}")
+        if facts.max_positions is not None and m.max_length > facts.max_positions:
+            raise _bad("max_length", m.max_length, f"{m.model!r} has {facts.max_positions} positions; "
+                       f"use at most {facts.max_positions}")
+        if facts.image_size is not None and d.image_size != facts.image_size:
+            raise _bad("image_size", d.image_size, f"{m.model!r} takes {facts.image_size} x "
+                       f"{facts.image_size} images; use --image-size {facts.image_size}")
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config") -> Config:

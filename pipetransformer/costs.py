@@ -96,7 +96,8 @@ def read_profile(path: str | Path) -> Profile:
 
 
 def write_profile(profile: Profile, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(profile.to_dict(), indent=1) + "\n")
+    from .recorder import write_atomically  # a stop midway leaves no half a profile
+    write_atomically(Path(path), json.dumps(profile.to_dict(), indent=1) + "\n")
 
 
 def usable_cores() -> int:

@@ -30,10 +30,12 @@ from .distributed import device_for
 from .models.base import StagedModel, Unit
 from .models.loading import load_model
 from .runtime import UnitSequence, profile_units
-from .stopping import end_child
+from .stopping import end_children
 from .timing import best_seconds
 
 __all__ = ["measure", "measure_profile", "keep_busy", "synthetic_inputs"]
+
+BUSY_PARENT = "PIPETRANSFORMER_PROFILE_PARENT"  # a co-running copy's profile process
 
 
 def measure_profile(model: StagedModel, name: str, batch_sizes: Sequence[int], seq_len: int, device) -> Profile:
@@ -139,42 +141,57 @@ def _load(cfg: Config) -> tuple[StagedModel, list[int], int]:
 
 def measure(cfg: Config, processes: int = 1) -> Profile:
     """A profile of cfg's model on this machine (its first GPU, else the CPU), with the
-    machine's load average before it started."""
+    machine's load average before it started. Says on stderr when the timing starts."""
     load = os.getloadavg()[0]
     peers: list[subprocess.Popen] = []
     config_file = None
-    if processes > 1 and not torch.cuda.is_available():
-        threads = threads_per_process(usable_cores(), processes)
-        torch.set_num_threads(threads)
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=f"pipetransformer-{os.getpid()}-",
-                                         delete=False) as f:
-            yaml.safe_dump(cfg.to_dict(), f)
-        config_file = f.name
-        peers = [subprocess.Popen([sys.executable, "-m", "pipetransformer", "profile", "--config", config_file,
-                                   "--busy"], stdout=subprocess.PIPE, text=True,
-                                  env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-                 for _ in range(processes - 1)]
     try:
+        if processes > 1 and not torch.cuda.is_available():
+            threads = threads_per_process(usable_cores(), processes)
+            torch.set_num_threads(threads)
+            with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=f"pipetransformer-{os.getpid()}-",
+                                             delete=False) as f:
+                config_file = f.name
+                yaml.safe_dump(cfg.to_dict(), f)
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads), BUSY_PARENT: str(os.getpid())}
+            for _ in range(processes - 1):
+                peers.append(subprocess.Popen([sys.executable, "-m", "pipetransformer", "profile", "--config",
+                                               config_file, "--busy"], stdout=subprocess.PIPE, text=True, env=env))
         model, sizes, side = _load(cfg)
         for peer in peers:  # time only once every copy trains
             if peer.stdout is None or peer.stdout.readline().strip() != "ready":
                 raise RuntimeError("a co-running profile process failed to start")
+        if config_file:  # every copy has read it
+            os.unlink(config_file)
+            config_file = None
+        print(f"timing {len(model.units)} units at batch sizes {', '.join(map(str, sizes))}"
+              + (f" beside {len(peers)} busy copies" if peers else ""), file=sys.stderr, flush=True)
         profile = measure_profile(model, cfg.model.model, sizes, side, device_for(0))
     finally:
-        for peer in peers:
-            end_child(peer, grace_seconds=10)
-        if config_file:
-            os.unlink(config_file)
+        try:
+            end_children(peers, grace_seconds=10)
+        finally:
+            if config_file:
+                os.unlink(config_file)
     return dataclasses.replace(profile, load_average=load, processes=processes, cores=usable_cores())
 
 
 def keep_busy(cfg: Config) -> None:
     """A co-running copy: train the whole model on the largest batch until stopped, or until
-    its parent is gone (killed: nothing would stop this copy)."""
-    parent = os.getppid()
+    the profile that started it is gone (killed: nothing else would stop this copy)."""
+    parent = int(os.environ.get(BUSY_PARENT, "0"))
+
+    def orphaned() -> bool:
+        return os.getppid() != parent
+    if orphaned():
+        return
     model, sizes, side = _load(cfg)
     inputs = synthetic_inputs(model, sizes[-1], side)
     model.hf_model.train()
-    print("ready", flush=True)
-    while os.getppid() == parent:
+    try:
+        print("ready", flush=True)
+    except BrokenPipeError:  # the parent died while this copy loaded
+        sys.stdout = open(os.devnull, "w")  # nothing left to flush at exit
+        return
+    while not orphaned():
         model.forward(*inputs).float().sum().backward()

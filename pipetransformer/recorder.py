@@ -10,7 +10,7 @@ from pathlib import Path
 from .config import Config
 from .errors import ConfigError
 
-__all__ = ["Recorder", "plot_metrics", "primary_metric", "refuse_used_run_dir", "save_final"]
+__all__ = ["Recorder", "plot_metrics", "primary_metric", "refuse_used_run_dir", "save_final", "write_atomically"]
 
 SCORES = ("val_accuracy", "val_exact_match", "val_f1")  # whichever a task reports, as fractions
 
@@ -41,8 +41,8 @@ class Recorder:
         if not resumed or not (self.run_dir / "config.yaml").exists():  # a restart before any epoch
             self.run_dir.mkdir(parents=True, exist_ok=True)
             import yaml
-            _write_atomically(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
-        _write_atomically(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+            write_atomically(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        write_atomically(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         for line in header:
             if line:
                 self.log(line)
@@ -87,7 +87,7 @@ class Recorder:
         summary = {**{k: records[-1][k] for k in SCORES if k in records[-1]}, "total_seconds": seconds,
                    "epochs": len(records), "final_frozen_layers": records[-1]["frozen_after"],
                    "final_layout": f"{layout}"}
-        _write_atomically(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_atomically(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         self.log(f"done in {seconds:.1f} s: {metric} {summary[metric]:.4f}; wrote "
                  f"{self.run_dir}/metrics.jsonl, metrics.png and final/ (Hugging Face format)")
 
@@ -118,7 +118,8 @@ def save_final(model, run_dir: Path) -> None:
     tmp.rename(final)
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
+    """Write `text` to `path` whole or not at all (a temporary file renamed over it)."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -2,18 +2,24 @@
 (workers, co-running profile copies, a bench's runs), each after its `finally` blocks."""
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
+import time
+from collections.abc import Iterable
+from pathlib import Path
 
-__all__ = ["stop_on_signals", "restore_signals", "stopping_signal", "end_child"]
+__all__ = ["stop_on_signals", "restore_signals", "stopping_signal", "end_children", "descendants"]
 
 _stopped_by: list[int] = []  # the signal that is stopping this process, if any
 
 
 def stop_on_signals() -> dict:
     """SIGTERM and SIGINT become SystemExit(128 + signal), so `finally` blocks (cache files,
-    child processes) run; `stopping_signal()` then tells any error that follows apart from a
-    real failure. Returns the handlers it replaced (for `restore_signals`)."""
+    child processes) run; a second signal is ignored while they do. `stopping_signal()` then
+    tells any error that follows apart from a real failure. Returns the handlers it replaced
+    (for `restore_signals`)."""
     _stopped_by.clear()
 
     def handler(signum, frame):
@@ -33,13 +39,36 @@ def stopping_signal() -> int | None:
     return _stopped_by[0] if _stopped_by else None
 
 
-def end_child(child: subprocess.Popen, grace_seconds: float = 30.0) -> None:
-    """Stop a child that may still run: SIGTERM (it stops its own children and removes its
-    files), then SIGKILL if it has not ended within `grace_seconds`."""
-    if child.poll() is None:
+def end_children(children: Iterable[subprocess.Popen], grace_seconds: float = 30.0) -> None:
+    """Stop children that may still run: SIGTERM to each at once (each stops its own children
+    and removes its files); any still running after `grace_seconds` gets SIGKILL, and so does
+    every process under it (torch's agent starts its workers in sessions of their own)."""
+    running = [c for c in children if c.poll() is None]
+    for child in running:
         child.terminate()
+    deadline = time.monotonic() + grace_seconds
+    for child in running:
         try:
-            child.wait(grace_seconds)
+            child.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            child.kill()
+            for pid in [*descendants(child.pid), child.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             child.wait()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process under `pid`, from /proc (none where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # after "pid (name)": state, ppid
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found

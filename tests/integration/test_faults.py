@@ -130,13 +130,16 @@ def test_a_signal_stops_every_process_with_one_line_and_the_run_resumes(tmp_path
 
 
 def _start_profile(tmp_path, model, data) -> tuple[subprocess.Popen, list[int]]:
-    """A 2-process profile (about 20 s on 2 cores), once its co-running copy trains."""
+    """A 2-process profile (about 20 s on 2 cores), once its co-running copy trains and the
+    parent times the units."""
     proc = _spawn("profile", "--processes", "2", "--model", str(model), "--data", str(data), "--batch-size", "512",
                   "--max-length", "40", "--out", str(tmp_path / "profile.json"))
-    _wait_for(lambda: "--busy" in " ".join(_command_line(p) for p in _children(proc.pid)), proc)
-    time.sleep(8)  # the copy has loaded the model and trains until stopped; the parent times the units
+    assert proc.stderr is not None
+    for line in proc.stderr:  # a line says when the copies are ready and the timing starts
+        if line.startswith("timing "):
+            break
     copies = _children(proc.pid)
-    assert copies and all(_alive(p) for p in copies) and proc.poll() is None
+    assert copies and all(_alive(p) for p in copies) and proc.poll() is None, proc.communicate()[1][-3000:]
     return proc, copies
 
 
@@ -145,20 +148,20 @@ def test_a_signal_stops_a_profile_and_its_co_running_copies(tmp_path, tiny_bert,
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 143, err[-3000:]
-    out = tmp_path / "profile.json"
-    assert _lines(err) == [f"profile stopped by SIGTERM; {out} was not written: run it again"]
-    assert not any(_alive(p) for p in copies) and not out.exists()
+    assert _lines(err) == ["profile stopped by SIGTERM before it finished; run it again"]
+    assert not any(_alive(p) for p in copies) and not (tmp_path / "profile.json").exists()
     assert not list(Path(tempfile.gettempdir()).glob(f"pipetransformer-{proc.pid}-*.yaml"))
 
 
 def test_a_co_running_profile_copy_ends_when_its_parent_is_killed(tmp_path, tiny_bert, tiny_csv):
     proc, copies = _start_profile(tmp_path, tiny_bert, tiny_csv)
     proc.kill()  # no handler runs: the copy must notice by itself
-    proc.wait()
+    proc.communicate()
     deadline = time.time() + 30
     while any(_alive(p) for p in copies):
         assert time.time() < deadline, "a profile copy outlived its killed parent"
         time.sleep(0.2)
+    assert not list(Path(tempfile.gettempdir()).glob(f"pipetransformer-{proc.pid}-*.yaml"))
 
 
 def test_a_signal_stops_a_bench_and_every_process_of_its_run(tmp_path, tiny_bert, tiny_csv):

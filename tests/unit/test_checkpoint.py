@@ -2,6 +2,7 @@
 back by name, and a manifest that a resume checks."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -53,19 +54,21 @@ def test_a_foreign_checkpoint_is_refused_by_name():
 
 
 def test_a_data_file_is_hashed_once_per_version_of_it(tmp_path):
-    """The digest is the file's sha256, kept under the data cache by path, size and
-    modification time: a resume does not read a large file again (the tokenised arrays trust
-    the same key), and a file changed in place is hashed anew."""
+    """The digest is the file's sha256, kept under the data cache by path, size, inode and
+    times: a resume does not read a large file again, and a file changed in any way (even with
+    its modification time put back) is hashed anew."""
     import hashlib
     import os
 
     from pipetransformer.checkpoint import _data_digest
     data, cache = tmp_path / "d.csv", tmp_path / "data-cache"
     data.write_bytes(b"text,label\ngood,1\n")
-    assert _data_digest(data, cache) == hashlib.sha256(data.read_bytes()).hexdigest()
+    digest = hashlib.sha256(data.read_bytes()).hexdigest()
+    assert _data_digest(data, cache) == digest
+    [kept] = cache.glob("*/sha256.npy")  # the kept digest is what a second start reads
+    np.save(kept, np.full((1, 32), 7, np.uint8))
+    assert _data_digest(data, cache) == "07" * 32
     stat = data.stat()
-    data.write_bytes(b"text,label\nbad!,0\n")  # same size; the old time put back: the kept digest
+    data.write_bytes(b"text,label\nbad!,0\n")  # same size, the old modification time put back
     os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert _data_digest(data, cache) == hashlib.sha256(b"text,label\ngood,1\n").hexdigest()
-    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
     assert _data_digest(data, cache) == hashlib.sha256(b"text,label\nbad!,0\n").hexdigest()
