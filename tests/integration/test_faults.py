@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -39,10 +40,12 @@ def _start(run_dir, model, data, *extra) -> subprocess.Popen:
     return _spawn("train", "--model", str(model), "--data", str(data), "--run-dir", str(run_dir), *COMMON, *extra)
 
 
-def _wait_for(condition, proc, seconds=120):
+def _wait_for(condition, proc, seconds=120, output=None):
+    """Until `condition()`; fails if `proc` ends first (with its stderr, or `output()` where
+    another reader holds it)."""
     deadline = time.time() + seconds
     while not condition():
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert proc.poll() is None, output() if output else proc.communicate()[1][-3000:]
         assert time.time() < deadline, "timed out waiting"
         time.sleep(0.1)
 
@@ -129,59 +132,89 @@ def test_a_signal_stops_every_process_with_one_line_and_the_run_resumes(tmp_path
     assert out.returncode == 2 and "--epochs=2 would change the run's math" in out.stderr
 
 
-def _start_profile(tmp_path, model, data) -> tuple[subprocess.Popen, list[int]]:
+class _Stderr(threading.Thread):
+    """A process's stderr, read line by line as it comes (the pipe may stay open in children
+    after the process ends, so it is read here rather than by communicate())."""
+
+    def __init__(self, proc: subprocess.Popen):
+        super().__init__(daemon=True)
+        self.stream, self.lines = proc.stderr, list[str]()
+        self.start()
+
+    def run(self) -> None:
+        assert self.stream is not None
+        for line in self.stream:
+            self.lines.append(line)
+
+    def wait_for(self, prefix: str, proc: subprocess.Popen, seconds: float = 120) -> None:
+        _wait_for(lambda: any(line.startswith(prefix) for line in self.lines), proc, seconds,
+                  lambda: "".join(self.lines)[-3000:])
+
+    def text(self, seconds: float = 30) -> str:
+        self.join(seconds)
+        return "".join(self.lines)
+
+
+def _start_profile(tmp_path, model, data) -> tuple[subprocess.Popen, _Stderr, list[int]]:
     """A 2-process profile (about 20 s on 2 cores), once its co-running copy trains and the
     parent times the units."""
     proc = _spawn("profile", "--processes", "2", "--model", str(model), "--data", str(data), "--batch-size", "512",
                   "--max-length", "40", "--out", str(tmp_path / "profile.json"))
-    assert proc.stderr is not None
-    for line in proc.stderr:  # a line says when the copies are ready and the timing starts
-        if line.startswith("timing "):
-            break
+    err = _Stderr(proc)
+    err.wait_for("timing ", proc)  # the line says the copies are ready and the timing starts
     copies = _children(proc.pid)
-    assert copies and all(_alive(p) for p in copies) and proc.poll() is None, proc.communicate()[1][-3000:]
-    return proc, copies
+    assert copies and all(_alive(p) for p in copies) and proc.poll() is None, err.text()
+    return proc, err, copies
 
 
 def test_a_signal_stops_a_profile_and_its_co_running_copies(tmp_path, tiny_bert, tiny_csv):
-    proc, copies = _start_profile(tmp_path, tiny_bert, tiny_csv)
+    proc, err, copies = _start_profile(tmp_path, tiny_bert, tiny_csv)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 143, err[-3000:]
-    assert _lines(err) == ["profile stopped by SIGTERM before it finished; run it again"]
+    assert proc.wait(timeout=30) == 143, err.text()
+    lines = _lines(err.text())
+    assert len(lines) == 2 and lines[0].startswith("timing "), lines
+    assert lines[1] == "profile stopped by SIGTERM before it finished; run it again"
     assert not any(_alive(p) for p in copies) and not (tmp_path / "profile.json").exists()
     assert not list(Path(tempfile.gettempdir()).glob(f"pipetransformer-{proc.pid}-*.yaml"))
 
 
 def test_a_co_running_profile_copy_ends_when_its_parent_is_killed(tmp_path, tiny_bert, tiny_csv):
-    proc, copies = _start_profile(tmp_path, tiny_bert, tiny_csv)
+    proc, err, copies = _start_profile(tmp_path, tiny_bert, tiny_csv)
     proc.kill()  # no handler runs: the copy must notice by itself
-    proc.communicate()
+    proc.wait()
     deadline = time.time() + 30
     while any(_alive(p) for p in copies):
         assert time.time() < deadline, "a profile copy outlived its killed parent"
         time.sleep(0.2)
+    assert "Traceback" not in err.text()
     assert not list(Path(tempfile.gettempdir()).glob(f"pipetransformer-{proc.pid}-*.yaml"))
 
 
-def test_a_signal_stops_a_bench_and_every_process_of_its_run(tmp_path, tiny_bert, tiny_csv):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_signal_stops_a_bench_and_every_process_of_its_run(tmp_path, tiny_bert, tiny_csv, sig):
+    """SIGTERM: bench stops its run and says so; SIGKILL: bench is gone at once, and its run
+    (in a session of its own) is stopped by the death of its parent."""
     out = tmp_path / "bench"
     proc = _spawn("bench", "--small", "--model", str(tiny_bert), "--data", str(tiny_csv), "--max-length", "16",
                   "--train-samples", "0", "--eval-samples", "0", "--configs", "a2", "--epochs", "400",
                   "--out", str(out))
+    err = _Stderr(proc)
     _wait_for(lambda: list(out.glob("runs/a2-seed*/config.yaml"))  # training has begun
-              and any("RANK=1" in _environ(p) for p in _descendants(proc.pid)), proc, seconds=180)
+              and any("RANK=1" in _environ(p) for p in _descendants(proc.pid)), proc, 180, err.text)
     processes = _descendants(proc.pid)
     sent = time.time()
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143, err[-3000:]
-    assert time.time() - sent < 10
-    assert _lines(err) == [f"bench stopped by SIGTERM; its finished runs are in {out}: run it again with "
-                           f"--out {out} to go on from them"]
-    assert not any(_alive(p) for p in processes)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) == (143 if sig == signal.SIGTERM else -9), err.text()
+    deadline = sent + 15
+    while any(_alive(p) for p in processes):
+        assert time.time() < deadline, "a process of the bench's run outlived it"
+        time.sleep(0.2)
     [log] = (out / "logs").glob("a2-seed*.log")
     assert "stopped during epoch" in log.read_text()
+    if sig == signal.SIGTERM:
+        assert time.time() - sent < 10
+        assert _lines(err.text()) == [f"bench stopped by SIGTERM; its finished runs are in {out}: run it again "
+                                      f"with --out {out} to go on from them"]
 
 
 def test_a_killed_worker_restarts_from_the_last_checkpoint_with_the_same_result(tmp_path, tiny_bert, tiny_csv):
