@@ -36,6 +36,7 @@ from .models.loading import load_model
 from .qa_eval import SpanScorer
 from .recorder import Recorder
 from .runtime import RuntimeEnv, build_runtime, clip_grad_norm, profile_on_rank0, unit_costs
+from .stopping import raise_if_stopping
 from .transition import PlanInputs, TransitionPlan, apply, gather_weights, next_plan, plan
 
 __all__ = ["Trainer", "fine_tune", "lr_factor"]
@@ -231,6 +232,7 @@ class Trainer:
         step_rows = [replica_rows(order, step, batch_size, rt.replica, layout.replicas) for step in range(steps)]
         try:
             for step, (rows, batch) in zip(range(first, steps), self.loader(self.train_data, step_rows[first:])):
+                raise_if_stopping()
                 if prefetch and step + 1 < steps:  # read the next batch's entries during this step
                     self.cache.prefetch(step_rows[step + 1])
                 losses.append(self._train_step(self._augment(batch, rows, epoch)))
@@ -327,6 +329,7 @@ class Trainer:
         step_rows = [replica_rows(order, step, batch_size, rt.replica, layout.replicas) for step in range(steps)]
         try:
             for step, (rows, batch) in enumerate(self.loader(self.val_data, step_rows)):
+                raise_if_stopping()
                 out, _ = self._run_schedule(batch, train=False)
                 if rt.is_last:
                     pos = step * batch_size + rt.replica * len(rows) + torch.arange(len(rows))

@@ -6,12 +6,13 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
 __all__ = ["STOP_SIGNALS", "STOPPED_EXIT_CODES", "stop_on_signals", "restore_signals", "stopping_signal",
-           "end_children", "die_with_parent", "descendants"]
+           "raise_if_stopping", "end_children", "die_with_parent", "descendants"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 STOPPED_EXIT_CODES = tuple(128 + s for s in STOP_SIGNALS)
@@ -28,6 +29,9 @@ def stop_on_signals() -> dict:
     def handler(signum, frame):
         if not _stopped_by:
             _stopped_by.append(signum)
+            if hasattr(signal, "SIGCHLD"):  # loader workers got the same signal: their end is no failure now
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            sys.unraisablehook = _quiet_while_stopping
             raise SystemExit(128 + signum)
     return {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
 
@@ -40,6 +44,21 @@ def restore_signals(previous: dict) -> None:
 
 def stopping_signal() -> int | None:
     return _stopped_by[0] if _stopped_by else None
+
+
+def raise_if_stopping() -> None:
+    """For loops that run long: a stop whose SystemExit landed where Python only prints it (in a
+    finalizer or a weakref callback, which then goes on) still ends the work here."""
+    signum = stopping_signal()
+    if signum is not None:
+        raise SystemExit(128 + signum)
+
+
+def _quiet_while_stopping(unraisable) -> None:
+    """While stopping, an exception raised where Python can only print it (often the stop's own
+    SystemExit inside a finalizer) is a consequence of the stop: the one stop line says it."""
+    if stopping_signal() is None:
+        sys.__unraisablehook__(unraisable)
 
 
 def end_children(children: Iterable[subprocess.Popen], grace_seconds: float = 30.0) -> None:

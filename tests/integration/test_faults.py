@@ -328,3 +328,31 @@ def test_bad_input_met_by_one_rank_alone_is_printed_once(tmp_path):
     lines = _lines(out.stderr)
     assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
     assert f"{victim.name} cannot be read" in lines[0] and "Traceback" not in out.stderr
+
+
+def test_a_stop_sent_to_the_whole_group_ends_an_image_run_with_its_line_alone(tmp_path):
+    """torchrun's agent stops a worker by signalling its process group: the worker's image
+    loader processes die with it. That is no loader failure, and a stop that lands inside a
+    finalizer (where Python swallows the SystemExit) still stops the run: exit 143, one line,
+    each time (before: tracebacks in about half the tries, or a run that went on)."""
+    import numpy as np
+    from PIL import Image
+    vit = make_vit_folder(tmp_path / "vit")
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(32):
+            Image.fromarray(rng.integers(0, 255, (16, 16), np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
+    for attempt in range(2):
+        run = tmp_path / f"run{attempt}"
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen([sys.executable, "-m", "pipetransformer", "train", "--model", str(vit), "--data",
+                                 str(tmp_path / "imgs"), "--image-size", "16", "--batch-size", "4", "--epochs", "400",
+                                 "--loader-workers", "2", "--run-dir", str(run)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)
+        _wait_for(lambda m=run / "metrics.jsonl": m.exists() and m.read_text(), proc)  # an epoch in
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        lines = _lines(err)
+        assert proc.returncode == 143 and len(lines) == 1 and lines[0].startswith("stopped during epoch 2"), err
