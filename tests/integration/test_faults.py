@@ -21,6 +21,7 @@ import pytest
 from safetensors.torch import load_file
 
 from pipetransformer.autocache.store import SHM_DIR
+from pipetransformer.stopping import descendants
 
 from conftest import assert_same_training, make_vit_folder, run_cli
 
@@ -30,10 +31,10 @@ COMMON = ["--freeze", "schedule", "--alpha", "0.2", "--batch-size", "16", "--tra
           "--max-length", "16", "--dropout", "off", "--seed", "3", "--lr", "3e-3", "--checkpoint-every", "2"]
 
 
-def _spawn(*args: str) -> subprocess.Popen:
+def _spawn(*args: str, new_session: bool = False) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "pipetransformer", *args],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-m", "pipetransformer", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=new_session)
 
 
 def _start(run_dir, model, data, *extra) -> subprocess.Popen:
@@ -63,11 +64,6 @@ def _samples_saved(run_dir) -> int:
 def _children(pid):
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
-
-
-def _descendants(pid):
-    children = _children(pid)
-    return children + [d for c in children for d in _descendants(c)]
 
 
 def _command_line(pid):
@@ -200,8 +196,8 @@ def test_a_signal_stops_a_bench_and_every_process_of_its_run(tmp_path, tiny_bert
                   "--out", str(out))
     err = _Stderr(proc)
     _wait_for(lambda: list(out.glob("runs/a2-seed*/config.yaml"))  # training has begun
-              and any("RANK=1" in _environ(p) for p in _descendants(proc.pid)), proc, 180, err.text)
-    processes = _descendants(proc.pid)
+              and any("RANK=1" in _environ(p) for p in descendants(proc.pid)), proc, 180, err.text)
+    processes = descendants(proc.pid)
     sent = time.time()
     proc.send_signal(sig)
     assert proc.wait(timeout=60) == (143 if sig == signal.SIGTERM else -9), err.text()
@@ -303,22 +299,26 @@ def test_bad_input_found_by_the_workers_is_printed_once(tmp_path, tiny_bert):
     assert "4.png cannot be read" in lines[0] and "Traceback" not in out.stderr
 
 
+def _random_images(folder: Path, per_class: int) -> str:
+    """An image folder of two classes of random 16 x 16 grey PNGs."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (folder / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (16, 16), np.uint8)).save(folder / c / f"{i}.png")
+    return str(folder)
+
+
 def test_bad_input_met_by_one_rank_alone_is_printed_once(tmp_path):
     """A truncated image that only replica 1 reads (in its first step): rank 0 never sees it,
     yet its line reaches the user, once, exit 2."""
-    import numpy as np
-    from PIL import Image
-
     from pipetransformer.autodp import replica_rows
     from pipetransformer.data.sampler import BatchSampler
     from pipetransformer.data.sources import describe_data, image_files, stratified_split
     vit = make_vit_folder(tmp_path / "vit")
-    rng = np.random.default_rng(0)
-    for c in ("a", "b"):
-        (tmp_path / "imgs" / c).mkdir(parents=True)
-        for i in range(16):
-            Image.fromarray(rng.integers(0, 255, (16, 16), np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
-    data = str(tmp_path / "imgs")
+    data = _random_images(tmp_path / "imgs", per_class=16)
     train_rows = stratified_split(describe_data(data).labels, 0.1, 0)[0]  # the run's split (seed 0)
     order = BatchSampler(len(train_rows), 0).epoch_order(0)
     victim = image_files(tmp_path / "imgs")[0][train_rows[int(replica_rows(order, 0, 4, 1, 2)[0])]]
@@ -335,22 +335,11 @@ def test_a_stop_sent_to_the_whole_group_ends_an_image_run_with_its_line_alone(tm
     loader processes die with it. That is no loader failure, and a stop that lands inside a
     finalizer (where Python swallows the SystemExit) still stops the run: exit 143, one line,
     each time (before: tracebacks in about half the tries, or a run that went on)."""
-    import numpy as np
-    from PIL import Image
-    vit = make_vit_folder(tmp_path / "vit")
-    rng = np.random.default_rng(0)
-    for c in ("a", "b"):
-        (tmp_path / "imgs" / c).mkdir(parents=True)
-        for i in range(32):
-            Image.fromarray(rng.integers(0, 255, (16, 16), np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
+    vit, data = make_vit_folder(tmp_path / "vit"), _random_images(tmp_path / "imgs", per_class=32)
     for attempt in range(2):
         run = tmp_path / f"run{attempt}"
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        proc = subprocess.Popen([sys.executable, "-m", "pipetransformer", "train", "--model", str(vit), "--data",
-                                 str(tmp_path / "imgs"), "--image-size", "16", "--batch-size", "4", "--epochs", "400",
-                                 "--loader-workers", "2", "--run-dir", str(run)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                start_new_session=True)
+        proc = _spawn("train", "--model", str(vit), "--data", data, "--image-size", "16", "--batch-size", "4",
+                      "--epochs", "400", "--loader-workers", "2", "--run-dir", str(run), new_session=True)
         _wait_for(lambda m=run / "metrics.jsonl": m.exists() and m.read_text(), proc)  # an epoch in
         os.killpg(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
