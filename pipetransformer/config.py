@@ -180,8 +180,10 @@ class CacheConfig:
     cache: str = _f("auto", "store the frozen layers' outputs so later epochs skip them; auto: "
                     "on when reading a batch's entries measures faster than recomputing them",
                     ("auto", "on", "off"))
-    cache_dtype: str = _f("auto", "storage dtype of cached activations; auto: bfloat16 on CUDA, "
-                          "float32 on CPU", ("auto", "float32", "bfloat16"))
+    cache_dtype: str = _f("auto", "storage dtype of cached activations; auto: the frozen prefix's "
+                          "output dtype (a cached read equals what the prefix computed); bfloat16 "
+                          "halves the bytes but rounds every read and every advance",
+                          ("auto", "float32", "bfloat16"))
     cache_host_fraction: float = _f(0.25, "host-memory budget of the cache, as a fraction of the "
                                     "memory available at start; rows beyond it go to disk")
     cache_host_bytes: int = _f(0, "host-memory budget in bytes (overrides the fraction; 0: use it)")

@@ -16,10 +16,11 @@ import torch.distributed as dist
 
 from ..config import CacheConfig
 from ..distributed import local_rank_world
+from ..errors import ConfigError
 from ..runtime import UnitSequence
 from ..timing import best_seconds
-from .policy import cache_wanted, cache_warning, host_budget, should_cache, storage_dtype
-from .store import ActivationCache, available_host_bytes
+from .policy import CacheDoesNotFit, cache_wanted, cache_warning, host_budget, should_cache, storage_dtype
+from .store import SHM_DIR, ActivationCache, available_host_bytes
 
 __all__ = ["AutoCache", "ActivationCache"]
 
@@ -32,6 +33,7 @@ class AutoCache:
         self.cfg, self.augment, self.model, self.data = cfg, augment, model, train_data
         self.device, self.run_dir, self.global_batch, self.log = device, run_dir, global_batch, log
         self.store: ActivationCache | None = None
+        self.comm_device = device if device.type == "cuda" else torch.device("cpu")  # NCCL reduces on GPUs
         self.out_dtype = torch.float32  # the prefix's output dtype (bf16 under autocast)
 
     @property
@@ -88,7 +90,7 @@ class AutoCache:
             probe = [(tuple(out.shape[1:]), out.dtype, seconds)]
         dist.broadcast_object_list(probe, src=0)
         row_shape, self.out_dtype, prefix_seconds = probe[0]
-        dtype = getattr(torch, storage_dtype(cc.cache_dtype, self.device.type))
+        dtype = getattr(torch, storage_dtype(cc.cache_dtype, str(self.out_dtype).removeprefix("torch.")))
         host = host_budget(cc.cache_host_bytes, cc.cache_host_fraction, available_host_bytes())
         device_budget = 0
         if self.device.type == "cuda" and dist.get_world_size() == 1:
@@ -96,8 +98,18 @@ class AutoCache:
         run_id = [f"{os.getpid()}-{time.time_ns()}"]
         dist.broadcast_object_list(run_id, src=0)
         self.store = ActivationCache(len(self.data), row_shape, dtype, run_id[0], self.run_dir / "cache",
-                                     host, self.device, device_budget, local_rank_world()[0], dist.barrier)
-        self.store.open_level(frozen)
+                                     host, self.device, device_budget, local_rank_world()[0], dist.barrier,
+                                     self._min_over_world)
+        try:
+            self.store.open_level(frozen)
+        except CacheDoesNotFit as e:
+            self.close()
+            if cc.cache == "on":
+                raise ConfigError(f"--cache=on is invalid here: the frozen prefix's outputs do not fit ({e}); "
+                                  f"free space in {SHM_DIR} or {self.run_dir}, lower --train-samples, or use "
+                                  f"--cache auto or off") from None
+            self.log(f"cache off: it does not fit ({e})")
+            return
         note = "on"
         if cc.cache == "auto":
             verdict: list = [None]
@@ -116,6 +128,12 @@ class AutoCache:
                 return
         stats = self.store.stats()
         self.log(f"cache {note}; tier {stats['cache_tier']}, {stats['cache_bytes'] / 2**20:.0f} MiB")
+
+    def _min_over_world(self, values: list[int]) -> list[int]:
+        """Element-wise minimum over every process (collective): one cache layout for all."""
+        t = torch.tensor(values, dtype=torch.int64, device=self.comm_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return t.cpu().tolist()
 
     def inputs(self, batch: dict, rt) -> tuple:
         """The first stage's inputs for `batch`: cached prefix outputs (computed and stored

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 __all__ = ["should_cache", "cache_wanted", "cache_warning", "storage_dtype", "host_budget", "tier_rows",
-           "tier_name"]
+           "tier_name", "CacheDoesNotFit"]
+
+
+class CacheDoesNotFit(ValueError):
+    """A level's rows need more room than the host and disk budgets allow."""
 
 
 def should_cache(prefix_seconds: float, read_seconds: float) -> bool:
@@ -27,26 +31,40 @@ def cache_warning(mode: str, augment: str) -> str | None:
             f"keeps the augmentation of the epoch that filled it")
 
 
-def storage_dtype(choice: str, device_type: str) -> str:
-    """auto: bfloat16 on CUDA (half the bytes, the compute dtype there), float32 on CPU."""
-    if choice != "auto":
-        return choice
-    return "bfloat16" if device_type == "cuda" else "float32"
+def storage_dtype(choice: str, output_dtype: str) -> str:
+    """auto: the frozen prefix's own output dtype, so a cached read gives back exactly what
+    the prefix computed (under bf16 autocast a LayerNorm output is float32: storing it as
+    bfloat16 would round every read and every advance); bfloat16 halves the bytes on request."""
+    return output_dtype if choice == "auto" else choice
 
 
-def host_budget(host_bytes: int, host_fraction: float, available_bytes: int) -> int:
-    """Bytes of host memory the cache may use: an explicit count, else a share of what is free."""
-    return host_bytes or int(host_fraction * available_bytes)
+def host_budget(host_bytes: int, host_fraction: float, available_bytes: int, shm_free: int | None = None) -> int:
+    """Bytes of host memory the cache may use: an explicit count, else a share of what is
+    free; never more than the shared-memory folder can hold (`shm_free`: a container's
+    /dev/shm is often 64 MiB, and writing past a tmpfs's end is a SIGBUS, not an error)."""
+    budget = host_bytes or int(host_fraction * available_bytes)
+    return budget if shm_free is None else max(0, min(budget, shm_free))
 
 
-def tier_rows(num_rows: int, row_bytes: int, device_budget: int, host_budget: int) -> list[tuple[str, int, int]]:
+def tier_rows(num_rows: int, row_bytes: int, device_budget: int, host_budget: int,
+              disk_budget: int | None = None) -> list[tuple[str, int, int]]:
     """(tier, first row, end row) of a level: rows fill the device budget, then the host
-    budget, and the rest goes to disk; empty tiers are left out."""
+    budget, and the rest goes to disk (within `disk_budget` bytes, if given: else
+    CacheDoesNotFit); empty tiers are left out."""
     on_device = min(num_rows, device_budget // row_bytes)
     on_host = min(num_rows - on_device, host_budget // row_bytes)
+    on_disk = num_rows - on_device - on_host
+    if disk_budget is not None and on_disk * row_bytes > disk_budget:
+        raise CacheDoesNotFit(f"{num_rows} rows of {row_bytes} bytes need {_mib(num_rows * row_bytes)}; "
+                              f"the host budget holds {_mib(on_host * row_bytes)} and the disk has "
+                              f"{_mib(disk_budget)} free for the other {_mib(on_disk * row_bytes)}")
     bounds = [("device", 0, on_device), ("host", on_device, on_device + on_host),
               ("disk", on_device + on_host, num_rows)]
     return [(tier, start, stop) for tier, start, stop in bounds if stop > start]
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 def tier_name(tiers: list[tuple[str, int, int]]) -> str:

@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 
 from ..timing import best_seconds
-from .policy import tier_name, tier_rows
+from .policy import CacheDoesNotFit, tier_name, tier_rows
 
-__all__ = ["ActivationCache", "available_host_bytes", "remove_orphans", "SHM_DIR"]
+__all__ = ["ActivationCache", "available_host_bytes", "free_bytes", "remove_orphans", "SHM_DIR"]
 
 SHM_DIR = Path("/dev/shm")
 
@@ -45,6 +45,24 @@ def available_host_bytes() -> int:
     except OSError:
         pass
     return 0
+
+
+def free_bytes(folder: Path) -> int:
+    """Bytes an unprivileged writer may still put on the file system of `folder` (or of the
+    nearest folder above it that exists)."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
+def _same_everywhere(values: list[int]) -> list[int]:
+    """The one-process `agree`: nothing to agree with."""
+    return list(values)
 
 
 @dataclass
@@ -72,17 +90,24 @@ class _Level:
 
 class ActivationCache:
     """A node-shared, tiered store of frozen-prefix outputs. Every process of the run makes
-    one with the same arguments; `local_rank` 0 of each machine creates and removes files."""
+    one; `local_rank` 0 of each machine creates and removes files.
+
+    Every process of a machine must cut a level's rows into tiers at the same boundaries
+    (they map the same files and share one "filled" flag per row), so budgets that each
+    process measured on its own (free memory moves between two reads) are agreed on first:
+    `agree(values)` returns the element-wise minimum over every process of the run
+    (collective), and the boundaries are checked equal after it."""
 
     def __init__(self, num_rows: int, row_shape: tuple[int, ...], dtype: torch.dtype, run_id: str,
                  disk_dir: Path, host_budget: int, device: torch.device, device_budget: int,
-                 local_rank: int, barrier: Callable[[], None]):
+                 local_rank: int, barrier: Callable[[], None],
+                 agree: Callable[[list[int]], list[int]] = _same_everywhere):
         self.num_rows, self.row_shape, self.dtype = num_rows, tuple(row_shape), dtype
         self.row_bytes = int(torch.Size(row_shape).numel()) * torch.empty((), dtype=dtype).element_size()
         self.prefix = f"pipetransformer-{run_id}-{socket.gethostname()}"
         self.disk_dir, self.host_budget = Path(disk_dir), host_budget
         self.device, self.device_budget = device, device_budget
-        self.local_rank, self._barrier = local_rank, barrier
+        self.local_rank, self._barrier, self._agree = local_rank, barrier, agree
         self.level: _Level | None = None
         self.hits = self.misses = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-prefetch")
@@ -94,11 +119,19 @@ class ActivationCache:
 
     # --- levels ------------------------------------------------------------------------
     def open_level(self, k: int) -> None:
-        """Allocate the level for k frozen blocks (collective over the run's processes)."""
+        """Allocate the level for k frozen blocks (collective over the run's processes).
+        Raises CacheDoesNotFit, on every process, when the rows fit neither the host budget
+        (capped by /dev/shm's free space) nor the run folder's free disk space."""
         assert self.level is None, "one level at a time: advance() moves it to a new k"
         device_budget = self.device_budget if self.device.type == "cuda" else 0
+        host = min(self.host_budget, free_bytes(SHM_DIR) - self.num_rows)  # the "filled" bytes live there too
+        device_budget, host, disk = self._agree([device_budget, max(0, host), free_bytes(self.disk_dir)])
+        tiers = tier_rows(self.num_rows, self.row_bytes, device_budget, host, disk)
+        ends = [stop for _, _, stop in tiers]
+        low = self._agree(ends + [-e for e in ends])
+        assert low[:len(ends)] == [-e for e in low[len(ends):]], f"tier bounds differ between processes: {tiers}"
         parts = []
-        for tier, start, stop in tier_rows(self.num_rows, self.row_bytes, device_budget, self.host_budget):
+        for tier, start, stop in tiers:
             if tier == "device":
                 data, path = torch.empty((stop - start, *self.row_shape), dtype=self.dtype,
                                          device=self.device), None
@@ -111,16 +144,27 @@ class ActivationCache:
         self.level = _Level(k, parts, valid)
 
     def _map(self, path: Path, shape, dtype) -> torch.Tensor:
-        """A new zero-filled file mapped by every local process (collective). Other processes
-        may write to it as soon as they return, so nothing may inspect it after the barrier."""
+        """A new zero-filled file mapped by every local process (collective). Its bytes are
+        reserved when it is made (posix_fallocate), so a full tmpfs or disk is an error here
+        and never a SIGBUS mid-epoch. Other processes may write to it as soon as they return,
+        so nothing may inspect it after the agreement."""
         numel = int(torch.Size(shape).numel())
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
         self._paths.add(path)
+        failure = ""
         if self.local_rank == 0:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # "wb" empties an existing file, then truncate() extends it with zeros: sparse,
-            # pages appear as rows are written, and every valid byte starts at 0.
-            with open(path, "wb") as f:
-                f.truncate(numel * torch.empty((), dtype=dtype).element_size())
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                # "wb" empties an existing file, then truncate() extends it with zeros
+                with open(path, "wb") as f:
+                    f.truncate(nbytes)
+                    if nbytes:
+                        os.posix_fallocate(f.fileno(), 0, nbytes)
+            except OSError as e:
+                failure = f"{path} ({nbytes / 2**20:.1f} MiB) cannot be made: {e.strerror or e}"
+        if self._agree([0 if failure else 1])[0] == 0:
+            self.close()
+            raise CacheDoesNotFit(failure or f"another process could not make {path.name}")
         self._barrier()
         return torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape)
 

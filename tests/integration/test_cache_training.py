@@ -54,9 +54,12 @@ def test_cache_on_equals_cache_off_across_transitions_and_reshards(tmp_path, tin
     assert_same_training(off, on, tol=1e-6, key_biases=True)
 
 
-def test_tiny_host_budget_spills_to_disk_with_the_same_result(tmp_path, tiny_bert, tiny_csv):
-    off = _run(tmp_path / "off", tiny_bert, tiny_csv, "--cache", "off")
-    disk = _run(tmp_path / "disk", tiny_bert, tiny_csv, "--cache", "on", "--cache-host-bytes", "20000")
+@pytest.mark.parametrize("nproc", ["1", "2"])
+def test_tiny_host_budget_spills_to_disk_with_the_same_result(tmp_path, tiny_bert, tiny_csv, nproc):
+    """Two processes map the same files: their budgets bind and rows spill to disk."""
+    off = _run(tmp_path / "off", tiny_bert, tiny_csv, "--nproc", nproc, "--cache", "off")
+    disk = _run(tmp_path / "disk", tiny_bert, tiny_csv, "--nproc", nproc, "--cache", "on",
+                "--cache-host-bytes", "20000")
     assert "disk" in disk[0][-1]["cache_tier"] and sum(r["cache_hits"] for r in disk[0]) > 0
     assert_same_training(off, disk, tol=1e-6, key_biases=True)
 

@@ -8,7 +8,15 @@ import time
 import pytest
 import torch
 
-from pipetransformer.autocache.policy import cache_wanted, cache_warning, host_budget, should_cache, storage_dtype
+from pipetransformer.autocache.policy import (
+    CacheDoesNotFit,
+    cache_wanted,
+    cache_warning,
+    host_budget,
+    should_cache,
+    storage_dtype,
+    tier_rows,
+)
 from pipetransformer.autocache.store import SHM_DIR, ActivationCache
 
 
@@ -147,10 +155,82 @@ def test_policy_keeps_auto_off_under_augmentation_and_warns_once_opted_in():
 
 
 def test_policy_storage_dtype_and_host_budget():
-    assert storage_dtype("auto", "cuda") == "bfloat16" and storage_dtype("auto", "cpu") == "float32"
-    assert storage_dtype("float32", "cuda") == "float32"
+    # auto stores what the prefix computed (float32 LayerNorm output under bf16 autocast)
+    assert storage_dtype("auto", "float32") == "float32" and storage_dtype("auto", "bfloat16") == "bfloat16"
+    assert storage_dtype("bfloat16", "float32") == "bfloat16"
     assert host_budget(1000, 0.5, 10**9) == 1000  # an explicit byte count wins
     assert host_budget(0, 0.25, 4000) == 1000
+
+
+def test_free_space_caps_the_host_tier_and_a_full_disk_is_refused():
+    assert host_budget(0, 0.25, 4 * 2**30, shm_free=64 * 2**20) == 64 * 2**20  # a container's /dev/shm
+    assert host_budget(10**9, 0.25, 0, shm_free=-5) == 0
+    assert tier_rows(10, 100, 0, 600, disk_budget=400) == [("host", 0, 6), ("disk", 6, 10)]
+    with pytest.raises(CacheDoesNotFit, match="10 rows of 100 bytes"):
+        tier_rows(10, 100, 0, 600, disk_budget=399)
+    assert tier_rows(10, 100, 0, 10**6, disk_budget=0) == [("host", 0, 10)]
+
+
+def test_processes_whose_budgets_differ_share_one_layout(tmp_path):
+    """Each process measures its own free memory; two moments differ. Rows one process
+    fills must read back, in the other, as the same rows (before the fix the second
+    process cut its tiers 2 rows later and read zeros and other rows' values as hits)."""
+    run_id, sync = f"test-{os.getpid()}-{time.time_ns()}", threading.Barrier(2, timeout=30)
+    shared: dict[int, list[int]] = {}
+
+    def agree_for(rank):
+        def agree(values):
+            shared[rank] = values
+            sync.wait()
+            out = [min(a, b) for a, b in zip(shared[0], shared[1])]
+            sync.wait()
+            return out
+        return agree
+    row_bytes = 3 * 4 * 4
+    caches = [ActivationCache(10, (3, 4), torch.float32, run_id, tmp_path / "cache", rows * row_bytes,
+                              torch.device("cpu"), 0, rank, sync.wait, agree_for(rank))
+              for rank, rows in ((0, 6), (1, 4))]
+    values, seen, errors = torch.randn(10, 3, 4), {}, []
+
+    def work(rank):
+        try:
+            cache = caches[rank]
+            cache.open_level(1)
+            mine = torch.arange(10)[rank::2]
+            cache.fetch(mine, lambda pos: values[mine[pos]], torch.float32)
+            sync.wait()
+            seen[rank] = cache.fetch(torch.arange(10), lambda pos: pytest.fail("should hit"), torch.float32)
+            seen[f"tiers{rank}"] = [(p.tier, p.start, p.stop) for p in cache.level.parts]
+            sync.wait()
+        except BaseException as e:  # noqa: BLE001 - re-raised below in the test thread
+            errors.append(e)
+            sync.abort()
+    threads = [threading.Thread(target=work, args=(rank,)) for rank in (0, 1)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        assert seen["tiers0"] == seen["tiers1"] == [("host", 0, 4), ("disk", 4, 10)]
+        assert torch.equal(seen[0], values) and torch.equal(seen[1], values)
+    finally:
+        for cache in (caches[1], caches[0]):
+            cache.close()
+    assert not _shm_files(caches[0])
+
+
+def test_a_level_that_fits_nowhere_is_refused_and_leaves_no_file(tmp_path, monkeypatch):
+    import pipetransformer.autocache.store as store
+    real = store.free_bytes
+    monkeypatch.setattr(store, "free_bytes", lambda folder: 100 if folder == tmp_path / "cache" else real(folder))
+    cache = _cache(tmp_path, host_budget=0)
+    try:
+        with pytest.raises(CacheDoesNotFit, match="disk has 0.0 MiB free"):
+            cache.open_level(1)
+    finally:
+        cache.close()
+    assert not _shm_files(cache) and not (tmp_path / "cache").exists()
 
 
 def test_bfloat16_rows(tmp_path):
