@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from .commands import COMMANDS, add_config_flags, command_parser, config_from_args, flag_values
+from .commands import COMMANDS, Parser, add_config_flags, command_parser, config_from_args, flag_values
 from .commands import main as run_command
 from .config import Config, ConfigError, apply_overrides, config_fields, read_yaml
 from .stopping import STOP_SIGNALS, STOPPED_EXIT_CODES, restore_signals, stop_on_signals, stopping_signal
@@ -31,7 +31,7 @@ RESUMING = "PIPETRANSFORMER_RESUME"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pipetransformer", allow_abbrev=False,
+    parser = Parser(prog="pipetransformer", allow_abbrev=False,
                                      description="Fine-tune Transformers faster: AutoFreeze + elastic pipelines.",
                                      epilog="also: profile, plan, bench (pipetransformer <command> --help)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,7 +63,18 @@ def _resume_config(args) -> Config:
     if not saved.is_file():
         raise ConfigError(f"--resume={args.resume!r}: no config.yaml there, so it holds no run to "
                           f"continue; pass the folder of a run started with `pipetransformer train`")
+    if (run_dir / "summary.json").is_file():
+        raise ConfigError(f"--resume={args.resume!r}: that run finished (summary.json, final/); nothing is "
+                          f"left to continue and nothing was changed: start a new run with another --run-dir")
     cfg = Config.from_dict(read_yaml(saved), source=str(saved))
+    metrics = run_dir / "metrics.jsonl"
+    done = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+    checkpoints = run_dir / "checkpoints"
+    has_checkpoint = checkpoints.is_dir() and any(p.is_dir() for p in checkpoints.glob("step-*"))
+    if done and not has_checkpoint:
+        raise ConfigError(f"--resume={args.resume!r}: {checkpoints} holds no checkpoint, so the run would "
+                          f"start over and overwrite its {done} finished epoch(s); start a new run with another "
+                          f"--run-dir (or restore that folder)")
     given = {k: v for k, v in flag_values(args).items() if v is not None}
     for key, value in given.items():
         section = next(s for s, f in config_fields() if f.name == key)
@@ -207,7 +218,7 @@ def _stopped(cfg: Config) -> str:
     metrics = Path(cfg.run_dir) / "metrics.jsonl"
     if (Path(cfg.run_dir) / "config.yaml").is_file():
         done = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
-        where = f"during epoch {done + 1}"
+        where = f"during epoch {done + 1}" if done < cfg.train.epochs else "while writing the final model"
     else:
         where = "before training started"
     return f"stopped {where}; resume with: pipetransformer train --resume {cfg.run_dir}"

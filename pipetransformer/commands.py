@@ -19,7 +19,7 @@ from .config import Config, ConfigError, apply_overrides, config_fields, describ
 from .costs import Hardware
 from .stopping import restore_signals, stop_on_signals, stopping_signal
 
-__all__ = ["COMMANDS", "build_parser", "main", "command_parser", "add_config_flags", "flag_values",
+__all__ = ["COMMANDS", "Parser", "build_parser", "main", "command_parser", "add_config_flags", "flag_values",
            "config_from_args"]
 
 COMMANDS = ("profile", "plan", "bench")
@@ -30,8 +30,26 @@ _PLAN_FIELDS = (*_PROFILE_FIELDS, "train_samples", "val_fraction", "val_data", "
                 "cache_host_fraction", "cache_host_bytes", "cache_device_fraction")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one line for a flag error (argparse prints its usage first), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
+
+class _Once(argparse.Action):
+    """A flag given twice is an error: argparse would keep the last value without a word."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = namespace.__dict__.setdefault("_flags_given", set())
+        if self.dest in seen:
+            parser.error(f"{option_string} is given twice; give it once")
+        seen.add(self.dest)
+        setattr(namespace, self.dest, values)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pipetransformer", allow_abbrev=False)
+    parser = Parser(prog="pipetransformer", allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
     profile = command_parser(sub, "profile", "time every unit of a model on this machine (forward, backward, "
                        "optimizer step; activation and parameter bytes) and write a profile file for `plan`")
@@ -90,10 +108,11 @@ def _add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, help_text: 
     flag = "--" + f.name.replace("_", "-")
     if f.type == "bool":
         # a bare `--compile` means on
-        parser.add_argument(flag, type=_on_off, nargs="?", const=True, metavar="{on,off}", help=help_text)
+        parser.add_argument(flag, type=_on_off, nargs="?", const=True, metavar="{on,off}", help=help_text,
+                            action=_Once)
     else:
         parser.add_argument(flag, type={"int": int, "float": float, "str": str}[str(f.type)],
-                            choices=f.metadata.get("choices"), help=help_text)
+                            choices=f.metadata.get("choices"), help=help_text, action=_Once)
 
 
 def _on_off(value: str) -> bool:

@@ -6,6 +6,7 @@ Every field is also a command-line flag (``--field-name``) and a YAML key under 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -381,9 +382,12 @@ def _coerce(section_cls, name: str, value):
             return ("on" if value else "off") if isinstance(value, bool) else str(value)
         if isinstance(value, bool) or (typ == "int" and isinstance(value, float)):
             raise ValueError
-        return {"int": int, "float": float}[typ](value)
+        number = {"int": int, "float": float}[typ](value)
     except (ValueError, TypeError):
         raise _bad(name, value, f"expected a value of type {typ}") from None
+    if not math.isfinite(number):  # nan slips through every range check below and trains to garbage
+        raise _bad(name, value, "use a finite number")
+    return number
 
 
 def parse_on_off(value: str) -> bool:
@@ -394,13 +398,27 @@ def parse_on_off(value: str) -> bool:
     raise ValueError(f"expected on or off, got {value!r}")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error, not the last value."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice; keep one",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict:
     """The mapping a YAML config file holds (empty for an empty file)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config={str(path)!r}: no such file; pass a YAML file path")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"--config={str(path)!r} is not valid YAML: {' '.join(str(e).split())}") from None
     if raw is not None and not isinstance(raw, dict):

@@ -102,6 +102,9 @@ class Trainer:
         self.epoch, self.first_step, self.partial = 0, 0, dict[str, list]()
         self.resumed, found = resume, checkpoint.latest(self.recorder.run_dir) if resume else None
         if found is None:
+            if resume:  # the launcher refused this if epochs were done: nothing is lost
+                self.recorder.log(f"no checkpoint in {self.recorder.run_dir / 'checkpoints'} yet: starting "
+                                  f"from the beginning")
             self.rt = build_runtime(plan(self.plans, 0, self.plans.start_stages), self.env, {})
         else:
             try:
@@ -242,7 +245,9 @@ class Trainer:
                     if rt.is_last and (step % 10 == 0 or step + 1 == steps):  # reading the loss syncs
                         bar.set_postfix(loss=f"{float(losses[-1]):.4f}", lr=f"{self._lr():.2e}")
                 if every and (step + 1) % every == 0 and step + 1 < steps:
-                    self._checkpoint(epoch, step + 1, self._epoch_stats(done, losses, start, layout.replicas))
+                    so_far = self._epoch_stats(done, losses, start, layout.replicas)
+                    _refuse_non_finite(so_far["step_losses"], epoch, steps)  # never checkpoint NaN weights
+                    self._checkpoint(epoch, step + 1, so_far)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
         finally:
@@ -250,6 +255,7 @@ class Trainer:
                 bar.close()  # also on errors: their line starts on a clean line
         stats = self._epoch_stats(done, losses, start, layout.replicas)
         seconds, step_losses = stats["seconds"], stats["step_losses"]
+        _refuse_non_finite(step_losses, epoch, steps)
         return {"cache_hits": stats["cache_hits"], "cache_bytes": stats["cache_bytes"],
                 "cache_tier": stats["cache_tier"],
                 "train_loss": float(torch.tensor(step_losses, dtype=torch.float64).mean()),
@@ -351,6 +357,17 @@ class Trainer:
     def close(self) -> None:
         self.cache.close()
         self.env.topo.destroy()
+
+
+def _refuse_non_finite(step_losses: list[float], epoch: int, steps: int) -> None:
+    """End the run at a non-finite training loss (what a bad setting, model or data file
+    gives): every later step would train on NaN weights. The losses are the epoch's, summed
+    over processes already (one reduction per epoch or checkpoint, no sync per step), so
+    every process raises together."""
+    bad = next((i for i, loss in enumerate(step_losses) if not math.isfinite(loss)), None)
+    if bad is not None:
+        raise FloatingPointError(f"the training loss is {step_losses[bad]} at epoch {epoch + 1}, step {bad + 1} "
+                                 f"of {steps}; check the data and the model's weights, or lower --lr")
 
 
 def _disable_dropout(model: nn.Module) -> None:

@@ -93,7 +93,7 @@ def _csv_rows(path: Path, source: str | None, text: bool) -> Iterator[tuple[list
     csv.field_size_limit(sys.maxsize)
     where = str(path)
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             fields = reader.fieldnames or []
             column = next((c for c in TEXT_COLUMNS if c in fields), None)
@@ -130,7 +130,7 @@ def _jsonl_rows(path: Path, text: bool) -> Iterator[tuple[list[str], list[str]]]
     texts: list[str] = []
     labels: list[str] = []
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             for line, raw in enumerate(f, start=1):
                 if not raw.strip():
                     continue
@@ -146,6 +146,10 @@ def _jsonl_rows(path: Path, text: bool) -> Iterator[tuple[list[str], list[str]]]
                 if not row[column] or row["label"] in (None, ""):
                     raise ConfigError(f"--data={where!r}, line {line}: empty text or label; remove or fill "
                                       f"that row")
+                if isinstance(row["label"], bool) or not isinstance(row["label"], (str, int)):
+                    raise ConfigError(f"--data={where!r}, line {line}: label {row['label']!r} is a "
+                                      f"{type(row['label']).__name__}; labels are strings or whole numbers, "
+                                      f'e.g. {{"text": "...", "label": "positive"}}')
                 if text:
                     texts.append(str(row[column]))
                 labels.append(str(row["label"]).strip())
@@ -204,11 +208,33 @@ def arrow_table(folder: Path):
     return pa.concat_tables(tables)
 
 
-def _label_strings(values: list, where: str) -> list[str]:
+def _label_strings(values: list, where: str, schema=None) -> list[str]:
+    """Label strings of a table's label column; a `datasets` ClassLabel (named in the Arrow
+    schema's "huggingface" metadata) gives its names, not its ids."""
     if any(v is None or v == "" for v in values):
         bad = next(i for i, v in enumerate(values) if v is None or v == "")
         raise ConfigError(f"--data={where!r}, row {bad}: empty label; remove or fill that row")
+    bad = next((i for i, v in enumerate(values) if isinstance(v, bool) or not isinstance(v, (str, int))), None)
+    if bad is not None:
+        raise ConfigError(f"--data={where!r}, row {bad}: label {values[bad]!r} is a {type(values[bad]).__name__}; "
+                          f"labels are strings or whole numbers")
+    names = _class_label_names(schema)
+    if names is not None:
+        if any(not isinstance(v, int) or not 0 <= v < len(names) for v in values):
+            bad = next(i for i, v in enumerate(values) if not isinstance(v, int) or not 0 <= v < len(names))
+            raise ConfigError(f"--data={where!r}, row {bad}: label {values[bad]!r} is not a class of its "
+                              f"ClassLabel {names}; fix that row")
+        return [names[v] for v in values]
     return [str(v).strip() for v in values]
+
+
+def _class_label_names(schema) -> list[str] | None:
+    try:
+        info = json.loads((schema.metadata or {})[b"huggingface"])["info"]["features"]["label"]
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+    names = info.get("names") if isinstance(info, dict) and info.get("_type") == "ClassLabel" else None
+    return [str(n) for n in names] if isinstance(names, list) else None
 
 
 def _read_labels(data: str, kind: str) -> tuple[str, list[str]]:
@@ -223,11 +249,12 @@ def _read_labels(data: str, kind: str) -> tuple[str, list[str]]:
     if kind == "parquet":
         pf = _parquet(path)
         modality, _ = _columns(pf.schema_arrow.names, data)
-        return modality, _label_strings(pf.read(columns=["label"]).column("label").to_pylist(), data)
+        return modality, _label_strings(pf.read(columns=["label"]).column("label").to_pylist(), data,
+                                        pf.schema_arrow)
     if kind == "arrow":
         table = arrow_table(path)
         modality, _ = _columns(table.column_names, data)
-        return modality, _label_strings(table.column("label").to_pylist(), data)
+        return modality, _label_strings(table.column("label").to_pylist(), data, table.schema)
     if kind == "npz":
         return "image", [str(v) for v in read_npz(path)[1]]
     return "image", image_files(path)[1]

@@ -37,3 +37,22 @@ def test_tiny_run_writes_metrics_plot_and_a_loadable_model(tmp_path, tiny_bert, 
     again = run_cli(*args)
     assert again.returncode == 2 and "already holds a finished run" in again.stderr
     assert (run / "metrics.jsonl").read_bytes() == before
+
+
+def test_a_non_finite_loss_ends_the_run_with_one_line_naming_the_step(tmp_path, tiny_bert, tiny_csv):
+    """A broken model file (a NaN in the head) trains every weight to NaN: the run stops at the
+    epoch's loss check, exit 1, one line from the launcher, no final model."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    broken = shutil.copytree(tiny_bert, tmp_path / "broken")
+    weights = load_file(broken / "model.safetensors")
+    weights["classifier.weight"][0, 0] = float("nan")
+    save_file(weights, broken / "model.safetensors")
+    run = tmp_path / "run"
+    out = run_cli("train", "--model", str(broken), "--data", str(tiny_csv), "--run-dir", str(run), "--nproc", "2",
+                  "--epochs", "2", "--batch-size", "16", "--max-length", "16")
+    lines = [x for x in out.stderr.splitlines() if x.startswith("error")]
+    assert out.returncode == 1 and len(lines) == 1, out.stderr[-3000:]
+    assert "the training loss is nan at epoch 1, step 1 of" in lines[0], lines[0]
+    assert not (run / "final").exists() and not (run / "checkpoints").exists()

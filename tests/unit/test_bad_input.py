@@ -133,6 +133,26 @@ CASES = [
     ("val-data-other-kind", lambda t, b, v, c: ["--model", str(b), "--data", str(c), "--val-data", str(_npz(t / "v.npz", np.zeros((4, 4, 4))))],
      ["--val-data=", "holds image data but --data holds text"]),
     ("resume-no-run", lambda t, b, v, c: ["--resume", str(t)], ["--resume=", "no config.yaml"]),
+    ("weight-decay-nan", lambda t, b, v, c: ["--weight-decay", "nan"], ["--weight-decay=nan", "finite"]),
+    ("grad-clip-inf", lambda t, b, v, c: ["--grad-clip", "inf"], ["--grad-clip=inf", "finite"]),
+    ("yaml-nan", lambda t, b, v, c: ["--config", _write(t / "n.yaml", b"train: {weight_decay: .nan}\n")],
+     ["--weight-decay=nan", "finite"]),
+    ("yaml-repeated-key", lambda t, b, v, c: ["--config", _write(t / "r.yaml", b"train:\n  epochs: 2\n  epochs: 3\n")],
+     ["r.yaml", "'epochs' appears twice"]),
+    ("yaml-repeated-section", lambda t, b, v, c: ["--config", _write(t / "s.yaml", b"train: {epochs: 2}\ntrain: {lr: 0.1}\n")],
+     ["s.yaml", "'train' appears twice"]),
+    ("jsonl-label-object", lambda t, b, v, c: ["--model", str(b), "--data", _write(t / "o.jsonl", b'{"text": "a good film", "label": {"id": 0}}\n')],
+     ["o.jsonl", "line 1", "label {'id': 0} is a dict", "strings or whole numbers"]),
+    ("resume-finished-run", lambda t, b, v, c: ["--resume", _run_folder(t / "done", b, c, epochs_done=2, finished=True)],
+     ["--resume=", "that run finished", "nothing was changed"]),
+    ("resume-without-checkpoints", lambda t, b, v, c: ["--resume", _run_folder(t / "gone", b, c, epochs_done=1)],
+     ["--resume=", "holds no checkpoint", "overwrite its 1 finished epoch"]),
+]
+
+# argparse's own errors: one line too (SystemExit 2), never its usage text
+FLAG_CASES = [
+    ("flag-repeated", ["--batch-size", "16", "--batch-size", "8"], ["--batch-size is given twice"]),
+    ("flag-unknown", ["--epoch", "1"], ["unrecognized arguments: --epoch 1", "--help"]),
 ]
 
 
@@ -154,6 +174,20 @@ def _parquet(path: Path, columns: dict) -> str:
 def _dataset_dict(folder: Path) -> str:
     folder.mkdir()
     (folder / "dataset_dict.json").write_text('{"splits": ["train", "test"]}')
+    return str(folder)
+
+
+def _run_folder(folder: Path, model: Path, data: Path, epochs_done: int, finished: bool = False) -> str:
+    """A run folder as `train` leaves it: config.yaml, its epochs' metrics, summary.json once done."""
+    import yaml
+
+    from pipetransformer.config import Config, apply_overrides
+    folder.mkdir()
+    cfg = apply_overrides(Config(), {"model": str(model), "data": str(data), "run_dir": str(folder)})
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e + 1}) + "\n" for e in range(epochs_done)))
+    if finished:
+        (folder / "summary.json").write_text("{}\n")
     return str(folder)
 
 
@@ -180,9 +214,28 @@ def test_bad_input_gets_one_line_exit_2_and_nothing_written(tmp_path, bert, vit,
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "run-out") == [b for b in before if b != "run-out"]
 
 
+@pytest.mark.parametrize("case, argv, words", FLAG_CASES, ids=[c[0] for c in FLAG_CASES])
+def test_a_flag_error_is_one_line(tmp_path, case, argv, words, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["train", *argv, "--run-dir", str(tmp_path / "run")])
+    lines = capsys.readouterr().err.splitlines()
+    assert stop.value.code == 2 and len(lines) == 1, lines
+    assert all(w in lines[0] for w in words), lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_csv_saved_with_a_byte_order_mark_reads_as_without(tmp_path):
+    from pipetransformer.data.sources import describe_data
+    plain = make_csv(tmp_path / "plain.csv", rows=12)
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())  # what Excel's "CSV UTF-8" writes
+    a, b = describe_data(str(plain)), describe_data(str(bom))
+    assert (a.modality, a.label_names, a.labels.tolist()) == (b.modality, b.label_names, b.labels.tolist())
+
+
 def test_every_case_is_in_the_docs():
     doc = (ROOT / "docs" / "BAD_INPUT.md").read_text()
-    missing = [case for case, _, _ in CASES if f"`{case}`" not in doc]
+    missing = [case for case, _, _ in CASES + FLAG_CASES if f"`{case}`" not in doc]
     assert not missing, f"docs/BAD_INPUT.md lacks {missing}"
 
 
@@ -192,3 +245,30 @@ def test_a_checkpoint_manifest_that_cannot_be_read_is_named(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format": 99}))
     with pytest.raises(ConfigError, match="manifest.json is missing or unreadable"):
         read_manifest(tmp_path)
+
+
+def test_the_stop_line_names_the_phase(tmp_path):
+    """A stop after the last epoch's metrics is a stop while the final model is written."""
+    from pipetransformer.cli import _stopped
+    from pipetransformer.config import Config, apply_overrides
+    cfg = apply_overrides(Config(), {"epochs": 2, "run_dir": str(tmp_path)})
+    assert _stopped(cfg).startswith("stopped before training started")
+    (tmp_path / "config.yaml").write_text("{}\n")
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    assert _stopped(cfg).startswith("stopped during epoch 2;")
+    (tmp_path / "metrics.jsonl").write_text("{}\n{}\n")
+    assert _stopped(cfg).startswith("stopped while writing the final model;")
+
+
+def test_a_datasets_class_label_keeps_its_names(tmp_path):
+    import datasets
+
+    from pipetransformer.data.sources import describe_data
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
+    ds = datasets.Dataset.from_dict({"text": ["a dull plot", "a superb film", "great"], "label": [0, 1, 1]},
+                                    features=features)
+    ds.save_to_disk(str(tmp_path / "ds"))
+    facts = describe_data(str(tmp_path / "ds"))
+    assert facts.label_names == ["neg", "pos"] and facts.labels.tolist() == [0, 1, 1]
+    ds.to_parquet(str(tmp_path / "ds.parquet"))  # datasets' Parquet carries the same metadata
+    assert describe_data(str(tmp_path / "ds.parquet")).label_names == ["neg", "pos"]
