@@ -211,12 +211,12 @@ def arrow_table(folder: Path):
 def _label_strings(values: list, where: str, schema=None) -> list[str]:
     """Label strings of a table's label column; a `datasets` ClassLabel (named in the Arrow
     schema's "huggingface" metadata) gives its names, not its ids."""
-    if any(v is None or v == "" for v in values):
-        bad = next(i for i, v in enumerate(values) if v is None or v == "")
-        raise ConfigError(f"--data={where!r}, row {bad}: empty label; remove or fill that row")
-    bad = next((i for i, v in enumerate(values) if isinstance(v, bool) or not isinstance(v, (str, int))), None)
-    if bad is not None:
-        raise ConfigError(f"--data={where!r}, row {bad}: label {values[bad]!r} is a {type(values[bad]).__name__}; "
+    empty = next((i for i, v in enumerate(values) if v is None or v == ""), None)
+    if empty is not None:
+        raise ConfigError(f"--data={where!r}, row {empty}: empty label; remove or fill that row")
+    odd = next((i for i, v in enumerate(values) if isinstance(v, bool) or not isinstance(v, (str, int))), None)
+    if odd is not None:
+        raise ConfigError(f"--data={where!r}, row {odd}: label {values[odd]!r} is a {type(values[odd]).__name__}; "
                           f"labels are strings or whole numbers")
     names = _class_label_names(schema)
     if names is not None:
