@@ -37,17 +37,6 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
 
 
-class _Once(argparse.Action):
-    """A flag given twice is an error: argparse would keep the last value without a word."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        seen = namespace.__dict__.setdefault("_flags_given", set())
-        if self.dest in seen:
-            parser.error(f"{option_string} is given twice; give it once")
-        seen.add(self.dest)
-        setattr(namespace, self.dest, values)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="pipetransformer", allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,11 +97,10 @@ def _add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, help_text: 
     flag = "--" + f.name.replace("_", "-")
     if f.type == "bool":
         # a bare `--compile` means on
-        parser.add_argument(flag, type=_on_off, nargs="?", const=True, metavar="{on,off}", help=help_text,
-                            action=_Once)
+        parser.add_argument(flag, type=_on_off, nargs="?", const=True, metavar="{on,off}", help=help_text)
     else:
         parser.add_argument(flag, type={"int": int, "float": float, "str": str}[str(f.type)],
-                            choices=f.metadata.get("choices"), help=help_text, action=_Once)
+                            choices=f.metadata.get("choices"), help=help_text)
 
 
 def _on_off(value: str) -> bool:

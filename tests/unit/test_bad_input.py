@@ -151,7 +151,6 @@ CASES = [
 
 # argparse's own errors: one line too (SystemExit 2), never its usage text
 FLAG_CASES = [
-    ("flag-repeated", ["--batch-size", "16", "--batch-size", "8"], ["--batch-size is given twice"]),
     ("flag-unknown", ["--epoch", "1"], ["unrecognized arguments: --epoch 1", "--help"]),
 ]
 
