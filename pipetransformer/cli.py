@@ -207,8 +207,11 @@ def _stop_workers_promptly() -> None:
 
         def _monitor_workers(self, worker_group):
             result = super()._monitor_workers(worker_group)
-            if any(f.exitcode in (2, *STOPPED_EXIT_CODES) for f in (result.failures or {}).values()):
-                self._remaining_restarts = 0  # bad input or a stop: a restart would meet it again
+            codes = [f.exitcode for f in (result.failures or {}).values()]
+            # bad input or a stop: a restart would meet it again. A worker that died (a signal,
+            # an error) makes torch stop its peers with SIGTERM, and their 143 is no stop
+            if codes and 2 in codes or codes and all(c in STOPPED_EXIT_CODES for c in codes):
+                self._remaining_restarts = 0
             return result
     api.LocalElasticAgent = Agent  # type: ignore[misc]
 
