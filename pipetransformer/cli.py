@@ -67,8 +67,7 @@ def _resume_config(args) -> Config:
         raise ConfigError(f"--resume={args.resume!r}: that run finished (summary.json, final/); nothing is "
                           f"left to continue and nothing was changed: start a new run with another --run-dir")
     cfg = Config.from_dict(read_yaml(saved), source=str(saved))
-    metrics = run_dir / "metrics.jsonl"
-    done = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+    done = _epochs_done(run_dir)
     checkpoints = run_dir / "checkpoints"
     has_checkpoint = checkpoints.is_dir() and any(p.is_dir() for p in checkpoints.glob("step-*"))
     if done and not has_checkpoint:
@@ -218,13 +217,18 @@ def _stop_workers_promptly() -> None:
 
 def _stopped(cfg: Config) -> str:
     """The line a stopped run ends with: where it stopped and how to go on."""
-    metrics = Path(cfg.run_dir) / "metrics.jsonl"
     if (Path(cfg.run_dir) / "config.yaml").is_file():
-        done = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+        done = _epochs_done(Path(cfg.run_dir))
         where = f"during epoch {done + 1}" if done < cfg.train.epochs else "while writing the final model"
     else:
         where = "before training started"
     return f"stopped {where}; resume with: pipetransformer train --resume {cfg.run_dir}"
+
+
+def _epochs_done(run_dir: Path) -> int:
+    """Epochs a run folder's metrics.jsonl records (one line each)."""
+    metrics = run_dir / "metrics.jsonl"
+    return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
 
 
 def _resume_hint(cfg: Config) -> str:

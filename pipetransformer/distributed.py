@@ -7,7 +7,7 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["init", "shutdown", "device_for", "local_rank_world", "sum_over_world"]
+__all__ = ["init", "shutdown", "device_for", "local_rank_world", "sum_over_world", "min_over_world"]
 
 
 def device_for(local_rank: int) -> torch.device:
@@ -55,6 +55,13 @@ def sum_over_world(t: torch.Tensor, comm_device: torch.device) -> torch.Tensor:
     x = t.to(comm_device)
     dist.all_reduce(x)
     return x.cpu()
+
+
+def min_over_world(values: list[int], comm_device: torch.device) -> list[int]:
+    """Element-wise minimum of a few integers over every process."""
+    x = torch.tensor(values, dtype=torch.int64, device=comm_device)
+    dist.all_reduce(x, op=dist.ReduceOp.MIN)
+    return x.cpu().tolist()
 
 
 def shutdown() -> None:

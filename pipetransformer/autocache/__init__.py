@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import CacheConfig
-from ..distributed import local_rank_world
+from ..distributed import local_rank_world, min_over_world
 from ..errors import ConfigError
 from ..runtime import UnitSequence
 from ..timing import best_seconds
@@ -99,7 +99,7 @@ class AutoCache:
         dist.broadcast_object_list(run_id, src=0)
         self.store = ActivationCache(len(self.data), row_shape, dtype, run_id[0], self.run_dir / "cache",
                                      host, self.device, device_budget, local_rank_world()[0], dist.barrier,
-                                     self._min_over_world)
+                                     lambda values: min_over_world(values, self.comm_device))
         try:
             self.store.open_level(frozen)
         except CacheDoesNotFit as e:
@@ -128,12 +128,6 @@ class AutoCache:
                 return
         stats = self.store.stats()
         self.log(f"cache {note}; tier {stats['cache_tier']}, {stats['cache_bytes'] / 2**20:.0f} MiB")
-
-    def _min_over_world(self, values: list[int]) -> list[int]:
-        """Element-wise minimum over every process (collective): one cache layout for all."""
-        t = torch.tensor(values, dtype=torch.int64, device=self.comm_device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return t.cpu().tolist()
 
     def inputs(self, batch: dict, rt) -> tuple:
         """The first stage's inputs for `batch`: cached prefix outputs (computed and stored

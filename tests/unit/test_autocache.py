@@ -25,6 +25,15 @@ def _cache(tmp_path, rows=10, host_budget=10**9, dtype=torch.float32):
                            host_budget, torch.device("cpu"), 0, 0, lambda: None)
 
 
+def _as_two_processes(work) -> None:
+    """Run work(0) and work(1) at once; threads stand in for two processes of one machine."""
+    threads = [threading.Thread(target=work, args=(rank,)) for rank in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def _shm_files(cache):
     return sorted(SHM_DIR.glob(cache.prefix + "*"))
 
@@ -127,12 +136,8 @@ def test_two_local_processes_share_a_level_while_one_lags(tmp_path):
         except BaseException as e:  # noqa: BLE001 - re-raised below in the test thread
             errors.append(e)
             sync.abort()
-    threads = [threading.Thread(target=work, args=(rank,)) for rank in (0, 1)]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        _as_two_processes(work)
         assert not errors, errors
         assert torch.equal(seen[0], values[[3]]) and torch.equal(seen[1], values[[3]])
     finally:
@@ -205,12 +210,8 @@ def test_processes_whose_budgets_differ_share_one_layout(tmp_path):
         except BaseException as e:  # noqa: BLE001 - re-raised below in the test thread
             errors.append(e)
             sync.abort()
-    threads = [threading.Thread(target=work, args=(rank,)) for rank in (0, 1)]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        _as_two_processes(work)
         assert not errors, errors
         assert seen["tiers0"] == seen["tiers1"] == [("host", 0, 4), ("disk", 4, 10)]
         assert torch.equal(seen[0], values) and torch.equal(seen[1], values)
