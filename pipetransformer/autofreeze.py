@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["MODES", "RULES", "FreezeState", "decide", "closed_form", "GradNormMeter", "decide_across_world"]
+__all__ = ["MODES", "RULES", "FreezeState", "decide", "closed_form", "GradNormMeter", "decide_across_world",
+           "meter_shard"]
 
 MODES = ("off", "schedule", "adaptive")
 RULES = ("through-min", "below-min")
@@ -89,12 +90,29 @@ def decide(state: FreezeState, alpha: float, mode: str, grad_norms: Sequence[flo
     return new_k
 
 
+def meter_shard(block_params: dict[int, list[tuple[str, torch.Tensor]]], replica: int,
+                replicas: int) -> dict[int, list[tuple[str, torch.Tensor]]]:
+    """The parameters whose gradient sums replica `replica` of `replicas` keeps: every
+    replica holds the same averaged gradients, so each keeps a disjoint share (round robin
+    over the stage's parameters in order) and no process holds a copy of them all."""
+    out: dict[int, list[tuple[str, torch.Tensor]]] = {}
+    i = 0
+    for block, params in block_params.items():
+        for name, p in params:
+            if i % replicas == replica:
+                out.setdefault(block, []).append((name, p))
+            i += 1
+    return out
+
+
 class GradNormMeter:
     """Accumulates each block's gradient over a decision interval; reports the norms.
 
     The gradient *vectors* are summed over every step of the interval (the paper's
-    accumulated gradient), and the norm is taken once at the end. Only blocks this process
-    owns are tracked; `norms()` returns squared partial sums to be all-reduced over owners.
+    accumulated gradient), and the norm is taken once at the end. The gradients are read
+    after averaging over replicas and before clipping (a clip factor would reweight each
+    step). Each process tracks its share of its stage's parameters (`meter_shard`);
+    `squared_norms()` returns partial sums to be all-reduced over the world.
     """
 
     def __init__(self, num_blocks: int):
@@ -141,8 +159,8 @@ class GradNormMeter:
 def decide_across_world(state: FreezeState, meter: GradNormMeter, alpha: float, mode: str,
                         comm_device: torch.device, rule: str = "through-min") -> int:
     """One decision for the whole run: the interval's squared norms are summed over every
-    process (each block counted once: only replica 0 accumulates), rank 0 decides, every
-    rank takes its k. Collective."""
+    process (each parameter counted once: the replicas of a stage share its parameters out,
+    `meter_shard`), rank 0 decides, every rank takes its k. Collective."""
     sq = meter.squared_norms().to(comm_device)
     dist.all_reduce(sq)
     meter.reset()

@@ -172,8 +172,9 @@ _ADAM_SLOTS = ("exp_avg", "exp_avg_sq", "step")
 
 
 def owned_tensors(model, rt, meter) -> dict[str, torch.Tensor]:
-    """What this process saves: the units it owns under `rt`'s plan, and, on replica 0 (the
-    replicas hold copies), its active parameters' Adam state and gradient sums."""
+    """What this process saves: the units it owns under `rt`'s plan, on replica 0 (the
+    replicas hold copies) its active parameters' Adam state, and its share of the gradient
+    sums."""
     rank = dist.get_rank()
     out: dict[str, torch.Tensor] = {}
     for unit in model.units:
@@ -184,23 +185,22 @@ def owned_tensors(model, rt, meter) -> dict[str, torch.Tensor]:
             names = {id(p): n for n, p in rt.params}
             for p, state in rt.optimizer.state.items():
                 out.update({f"optim.{names[id(p)]}.{s}": state[s] for s in _ADAM_SLOTS})
-        out.update({f"meter.{n}": g for n, g in meter.named_sums().items()})
+    out.update({f"meter.{n}": g for n, g in meter.named_sums().items()})  # each replica its share
     out[f"rng.{rank}"] = torch.get_rng_state()
     return out
 
 
 def restore(path: Path, model, rt, meter, same_world: bool) -> None:
     """Load a checkpoint into this process (collective): every weight, the Adam state of the
-    parameters `rt` trains here, the gradient sums of the blocks it owns, and (on the same
+    parameters `rt` trains here, its share of the gradient sums, and (on the same
     number of processes) its RNG state."""
     wanted: dict[str, torch.Tensor] = {f"model.{n}": p.data for n, p in model.hf_model.named_parameters()}
     for n, p in rt.params:
         wanted.update({f"optim.{n}.exp_avg": torch.zeros_like(p, dtype=torch.float32),
                        f"optim.{n}.exp_avg_sq": torch.zeros_like(p, dtype=torch.float32),
                        f"optim.{n}.step": torch.zeros((), dtype=torch.float32, device=p.device)})
-    if rt.replica == 0:
-        wanted.update({f"meter.{n}": torch.zeros_like(p, dtype=torch.float32)
-                       for params in rt.block_params.values() for n, p in params})
+    wanted.update({f"meter.{n}": torch.zeros_like(p, dtype=torch.float32)
+                   for params in rt.meter_params.values() for n, p in params})
     rng = f"rng.{dist.get_rank()}"
     if same_world:
         wanted[rng] = torch.get_rng_state()
@@ -208,6 +208,6 @@ def restore(path: Path, model, rt, meter, same_world: bool) -> None:
     for n, p in rt.params:
         if rt.optimizer is not None and all(f"optim.{n}.{s}" in found for s in _ADAM_SLOTS):
             rt.optimizer.state[p] = {s: found[f"optim.{n}.{s}"] for s in _ADAM_SLOTS}
-    meter.restore(rt.block_params, {k[len("meter."):]: v for k, v in found.items() if k.startswith("meter.")})
+    meter.restore(rt.meter_params, {k[len("meter."):]: v for k, v in found.items() if k.startswith("meter.")})
     if rng in found:
         torch.set_rng_state(found[rng])

@@ -2,7 +2,7 @@
 
   read the layout -> load this replica's batch (or its cached frozen output) -> frozen prefix
   under no_grad (first stage) -> pipeline schedule over the active stages -> average active
-  gradients over replicas -> clip -> optimizer step -> accumulate gradient norms
+  gradients over replicas -> accumulate gradients (AutoFreeze) -> clip -> optimizer step
   -> at the boundary: evaluate, decide (AutoFreeze), plan (AutoPipe, AutoDP), apply
   (migrate, rebuild, advance AutoCache), log.
 
@@ -215,6 +215,7 @@ class Trainer:
             raise ValueError(f"frozen={frozen}: must lie in [{self.rt.frozen}, {self.model.num_blocks}] "
                              f"(frozen blocks never thaw)")
         self.freeze.frozen = frozen
+        self.meter.reset()  # the interval ends here, as at a decision: sums follow the old layout's shares
         return self._transition(next_plan(self.plans, self.rt.plan, frozen))["transition_seconds"]
 
     # --- one epoch -------------------------------------------------------------------------
@@ -285,9 +286,9 @@ class Trainer:
         rt = self.rt
         _, losses = self._run_schedule(batch, train=True)
         average_gradients([p for _, p in rt.params], rt.layout, rt.replica_group)  # sync point
+        if self.cfg.freeze.freeze == "adaptive":  # only the adaptive rule reads norms; before clipping
+            self.meter.accumulate(rt.meter_params)
         clip_grad_norm(rt, self.cfg.train.grad_clip, self.comm_device)
-        if rt.replica == 0 and self.cfg.freeze.freeze == "adaptive":  # only the adaptive rule reads norms
-            self.meter.accumulate(rt.block_params)
         if rt.optimizer is not None:
             lr = self._lr()
             for group in rt.optimizer.param_groups:

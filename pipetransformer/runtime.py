@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .autodp import Layout, Topology
+from .autofreeze import meter_shard
 from .autopipe import UnitCost
 from .models.base import StagedModel, Unit
 from .timing import best_seconds
@@ -72,7 +73,7 @@ class Runtime:
     replica_group: dist.ProcessGroup | None
     pipeline_group: dist.ProcessGroup | None
     params: list[tuple[str, nn.Parameter]] = field(default_factory=list)  # active, this stage
-    block_params: dict[int, list] = field(default_factory=dict)  # the same, by block (AutoFreeze)
+    meter_params: dict[int, list] = field(default_factory=dict)  # by block, this replica's share (AutoFreeze)
 
     @property
     def frozen(self) -> int:
@@ -185,7 +186,8 @@ def build_runtime(plan: TransitionPlan, env: RuntimeEnv, opt_state: dict[str, di
         kind = ScheduleGPipe if env.schedule == "gpipe" else Schedule1F1B
         sched = kind(pipe_stage, n_microbatches=plan.micro_batches, loss_fn=loss)
     return Runtime(plan, stage, replica, mine, prefix, module, optimizer, sched,
-                   env.topo.replica_group(layout), group, params, block_params)
+                   env.topo.replica_group(layout), group, params,
+                   meter_shard(block_params, replica, layout.replicas))
 
 
 def _optimizer(params, env: RuntimeEnv, opt_state: dict[str, dict]) -> torch.optim.Optimizer:

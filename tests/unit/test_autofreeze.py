@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from pipetransformer.autofreeze import FreezeState, GradNormMeter, closed_form, decide
+from pipetransformer.autofreeze import FreezeState, GradNormMeter, closed_form, decide, meter_shard
 
 # the closed form k_T = ceil(L (1 - (1 - alpha)^T)) for L = 12, worked out by hand
 CLOSED_FORM = {1 / 3: [0, 4, 7, 9, 10, 11, 11, 12], 1 / 4: [0, 3, 6, 7, 9, 10, 10, 11, 11, 12],
@@ -87,6 +87,23 @@ def test_meter_sums_gradient_vectors_over_the_interval():
     assert meter.squared_norms().tolist() == [0.0, 4.0]
     meter.reset()
     assert meter.squared_norms().tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 3])
+def test_replicas_share_the_meter_out_and_their_partial_norms_add_up_to_one_process(replicas):
+    blocks = {b: [(f"b{b}.w{i}", torch.nn.Parameter(torch.zeros(2))) for i in range(3)] for b in (2, 3)}
+    shares = [meter_shard(blocks, r, replicas) for r in range(replicas)]
+    names = [n for share in shares for params in share.values() for n, _ in params]
+    assert sorted(names) == sorted(n for params in blocks.values() for n, _ in params)  # each once
+    whole, parts = GradNormMeter(4), [GradNormMeter(4) for _ in shares]
+    for step in range(2):
+        for b, params in blocks.items():
+            for i, (_, p) in enumerate(params):
+                p.grad = torch.tensor([float(b + i), float(step - i)])
+        whole.accumulate(blocks)
+        for meter, share in zip(parts, shares):
+            meter.accumulate(share)
+    assert torch.allclose(sum(m.squared_norms() for m in parts), whole.squared_norms())
 
 
 def test_below_min_reading_keeps_the_block_with_the_smallest_norm_active():
