@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from .autopipe import divisors
 
-__all__ = ["Layout", "Topology", "replica_batch", "lr_scale", "replica_rows",
+__all__ = ["Layout", "Topology", "replica_batch", "lr_scale", "ramped", "replica_rows",
            "average_gradients"]
 
 
@@ -99,9 +99,25 @@ def replica_batch(global_batch: int, layout: Layout, policy: str, start: Layout)
     return global_batch // layout.replicas
 
 
-def lr_scale(layout: Layout, policy: str, start: Layout) -> float:
-    """per-replica grows the global batch with the replicas, and the LR linearly with it."""
-    return layout.replicas / start.replicas if policy == "per-replica" else 1.0
+def lr_scale(layout: Layout, policy: str, start: Layout, scaling: str = "sqrt") -> float:
+    """The LR's factor for the batch policy. per-replica grows the global batch r-fold
+    (r = replicas now / at the start); the LR follows by `scaling`: "sqrt" multiplies it by
+    sqrt(r) (the square-root rule for adaptive optimizers such as AdamW: Malladi et al., "On
+    the SDEs and Scaling Rules for Adaptive Gradient Algorithms", NeurIPS 2022), "linear" by r
+    (Goyal et al., "Accurate, Large Minibatch SGD", 2017, for SGD). constant: 1."""
+    if policy != "per-replica":
+        return 1.0
+    growth = layout.replicas / start.replicas
+    return growth if scaling == "linear" else growth ** 0.5
+
+
+def ramped(old: float, new: float, steps_done: int, ramp_steps: int) -> float:
+    """A factor moving from `old` to `new` linearly over `ramp_steps` optimizer steps after a
+    change (Goyal et al.'s gradual warm-up, so the LR never jumps at a transition); `new`
+    from step `ramp_steps` on, and at once with ramp_steps 0."""
+    if ramp_steps <= 0 or steps_done >= ramp_steps:
+        return new
+    return old + (new - old) * max(0, steps_done) / ramp_steps
 
 
 def replica_rows(order: torch.Tensor, step: int, global_batch: int, replica: int,

@@ -51,6 +51,7 @@ class Snapshot:
     world: int
     stages: int
     fingerprint: dict
+    lr_ramp: tuple[float, int] = (1.0, 0)  # the LR scale a ramp started from, and at what samples seen
 
 
 def fingerprint(cfg, label_names: list[str], num_blocks: int, task: str = "classify",

@@ -19,6 +19,8 @@ from .data.sources import describe_data, describe_validation, run_sizes
 from .errors import ConfigError
 from .models.catalog import describe_model
 
+LR_SCALINGS = ("sqrt", "linear")  # autodp.lr_scale
+
 __all__ = ["Config", "ModelConfig", "DataConfig", "TrainConfig", "FreezeConfig",
            "ParallelConfig", "CacheConfig", "CheckpointConfig", "ConfigError", "RunFacts", "load_config",
            "config_fields", "apply_overrides", "parse_on_off", "read_yaml"]
@@ -147,8 +149,13 @@ class ParallelConfig:
                       "one batch at the start by rank 0 and shared)", ("params", "time"))
     batch_policy: str = _f("constant", "constant: global batch fixed, split over replicas (same "
                            "math as one process); per-replica: each replica keeps the starting "
-                           "batch, so the global batch and the LR (linearly) grow with replicas",
+                           "batch, so the global batch and the LR (--lr-scaling) grow with replicas",
                            ("constant", "per-replica"))
+    lr_scaling: str = _f("sqrt", "per-replica only: how the LR follows a global batch grown r-fold: "
+                         "sqrt (x sqrt(r), the rule for AdamW) or linear (x r, the rule for SGD)",
+                         LR_SCALINGS)
+    lr_ramp_steps: int = _f(100, "per-replica only: optimizer steps over which the LR moves to its "
+                            "new scale after a transition (0: at once)")
     max_restarts: int = _f(0, "with --nproc 2 or more: restart every worker this many times after "
                            "a worker fails; each restart resumes from the last checkpoint")
     comm_timeout: float = _f(300.0, "seconds a process waits on a stopped or dead peer before "
@@ -174,6 +181,10 @@ class ParallelConfig:
             raise _bad("balance", self.balance, "choose params or time")
         if self.batch_policy not in ("constant", "per-replica"):
             raise _bad("batch_policy", self.batch_policy, "choose constant or per-replica")
+        if self.lr_scaling not in LR_SCALINGS:
+            raise _bad("lr_scaling", self.lr_scaling, f"choose {' or '.join(LR_SCALINGS)}")
+        if self.lr_ramp_steps < 0:
+            raise _bad("lr_ramp_steps", self.lr_ramp_steps, "use 0 (at once) or a positive step count")
 
 
 @dataclass

@@ -22,7 +22,7 @@ from torch import nn
 
 from . import checkpoint, distributed
 from .autocache import AutoCache
-from .autodp import Topology, average_gradients, lr_scale, replica_rows
+from .autodp import Topology, average_gradients, lr_scale, ramped, replica_rows
 from .autofreeze import FreezeState, GradNormMeter, decide_across_world
 from .autopipe import next_stage_count
 from .config import Config, RunFacts, apply_overrides
@@ -96,6 +96,7 @@ class Trainer:
         self.cache = AutoCache(cfg.cache, cfg.data.augment, model, self.train_data, self.device,
                                self.recorder.run_dir, t.batch_size, self.recorder.log)
         self.samples_seen, self.records = 0, list[dict]()
+        self.lr_ramp = (1.0, 0)  # (the LR scale a ramp starts from, samples seen then): _lr
         self.total_samples = t.epochs * self.sampler.steps(t.batch_size) * t.batch_size
         self.fingerprint = checkpoint.fingerprint(cfg, self.train_data.label_names, model.num_blocks, model.task,
                                                   data_cache)
@@ -125,6 +126,7 @@ class Trainer:
         self.rt = build_runtime(plan(p, frozen, stages), self.env, {})
         checkpoint.restore(path, self.model, self.rt, self.meter, snap.world == self.world)
         self.samples_seen, self.records = snap.samples_seen, snap.records
+        self.lr_ramp = (float(snap.lr_ramp[0]), int(snap.lr_ramp[1]))
         self.epoch, self.first_step, self.partial = snap.epoch, snap.step, snap.partial
         self.cache.on_freeze(0, frozen, self.rt)
         self.recorder.log(f"resumed from {path} (epoch {snap.epoch + 1}, step {snap.step}) on "
@@ -135,7 +137,8 @@ class Trainer:
         if not self.cfg.checkpoint.keep_checkpoints:
             return
         snap = checkpoint.Snapshot(epoch, step, self.samples_seen, self.freeze.state_dict(), self.records,
-                                   partial or {}, self.world, self.rt.layout.stages, self.fingerprint)
+                                   partial or {}, self.world, self.rt.layout.stages, self.fingerprint,
+                                   self.lr_ramp)
         tensors = checkpoint.owned_tensors(self.model, self.rt, self.meter)
         checkpoint.save(self.recorder.run_dir, tensors, snap, self.cfg.checkpoint.keep_checkpoints)
 
@@ -181,7 +184,10 @@ class Trainer:
         return self.records
 
     def _transition(self, new: TransitionPlan) -> dict[str, float]:
+        scale = self._lr_scale()
         self.rt, seconds = apply(new, self.rt, self.env, self.cache, has_state=self.samples_seen > 0)
+        if self._lr_scale() != scale:  # per-replica: the LR ramps from where it stood to the new scale
+            self.lr_ramp = (scale, self.samples_seen)
         compiled = self._warm_up()
         return {**seconds, "compile_seconds": compiled,
                 "transition_seconds": seconds["transition_seconds"] + compiled}
@@ -299,8 +305,16 @@ class Trainer:
 
     def _lr(self) -> float:
         t = self.cfg.train
-        factor = lr_factor(self.samples_seen / max(1, self.total_samples), t.warmup_ratio)
-        return t.lr * factor * lr_scale(self.rt.layout, self.cfg.parallel.batch_policy, self.plans.start)
+        return t.lr * lr_factor(self.samples_seen / max(1, self.total_samples), t.warmup_ratio) * self._lr_scale()
+
+    def _lr_scale(self) -> float:
+        """The batch policy's LR factor in this layout, reached over --lr-ramp-steps steps from
+        where it stood at the last change (autodp.lr_scale, autodp.ramped)."""
+        pc, layout = self.cfg.parallel, self.rt.layout
+        target = lr_scale(layout, pc.batch_policy, self.plans.start, pc.lr_scaling)
+        start, since = self.lr_ramp
+        steps = (self.samples_seen - since) // (self.rt.plan.replica_batch * layout.replicas)
+        return ramped(start, target, steps, pc.lr_ramp_steps)
 
     def _run_schedule(self, batch: dict, train: bool):
         rt, losses = self.rt, list[torch.Tensor]()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipetransformer.autodp import Layout, lr_scale, replica_batch, replica_rows
+from pipetransformer.autodp import Layout, lr_scale, ramped, replica_batch, replica_rows
 from pipetransformer.autopipe import divisors
 from pipetransformer.data.sampler import BatchSampler
 
@@ -58,5 +58,14 @@ def test_batch_and_lr_policies():
     assert replica_batch(32, later, "constant", start) == 8     # the global batch is split
     assert replica_batch(32, later, "per-replica", start) == 32  # each replica keeps its batch
     assert lr_scale(later, "constant", start) == 1.0
-    assert lr_scale(later, "per-replica", start) == 4.0          # LR grows with the global batch
+    assert lr_scale(later, "per-replica", start) == 2.0                # sqrt of the batch's growth
+    assert lr_scale(later, "per-replica", start, "linear") == 4.0      # or the growth itself
     assert lr_scale(Layout(4, 2), "per-replica", Layout(4, 2)) == 1.0
+
+
+def test_the_lr_ramps_to_a_new_scale_without_a_jump():
+    seen = [ramped(1.0, 2.0, step, 4) for step in range(7)]
+    assert seen == [1.0, 1.25, 1.5, 1.75, 2.0, 2.0, 2.0]
+    assert max(b - a for a, b in zip(seen, seen[1:])) == 0.25          # never more than 1/ramp per step
+    assert ramped(1.0, 2.0, 0, 0) == 2.0                               # no ramp: at once
+    assert ramped(1.5, 1.0, 1, 2) == 1.25                              # down as well as up
