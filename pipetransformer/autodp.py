@@ -20,7 +20,7 @@ import torch.distributed as dist
 from .autopipe import divisors
 
 __all__ = ["Layout", "Topology", "replica_batch", "lr_scale", "ramped", "replica_rows",
-           "average_gradients"]
+           "average_gradients", "dropout_seed"]
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,17 @@ def replica_rows(order: torch.Tensor, step: int, global_batch: int, replica: int
     b = global_batch // replicas
     start = step * global_batch + replica * b
     return order[start:start + b]
+
+
+def dropout_seed(seed: int, samples_seen: int, rank: int) -> int:
+    """The seed of process `rank`'s random draws (dropout) for the step that starts after
+    `samples_seen` samples: each process, so each replica, has its own stream (identical
+    streams would give every replica the same masks), and a resumed run replays the same
+    draws from the position alone, on CPU and GPU alike. splitmix64 of the three."""
+    x = (seed * 0x9E3779B97F4A7C15 + samples_seen * 0xBF58476D1CE4E5B9 + rank * 0x94D049BB133111EB) % 2**64
+    for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+        x = ((x ^ (x >> shift)) * mult) % 2**64
+    return (x ^ (x >> 31)) % 2**63
 
 
 def average_gradients(params: list[torch.nn.Parameter], layout: Layout, group) -> None:

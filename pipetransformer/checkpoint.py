@@ -8,7 +8,9 @@ names, so another process count loads them by name:
   model.<hf name>                 every unit's weights (each from its owner, see TransitionPlan.owners)
   optim.<hf name>.<slot>          AdamW's exp_avg, exp_avg_sq, step of every active parameter
   meter.<hf name>                 the gradient sums of the interval so far (AutoFreeze)
-  rng.<rank>                      each process's torch RNG state (restored on the same process count)
+  rng.<rank>, rng_cuda.<rank>     each process's CPU and CUDA RNG states (restored on the same
+                                  process count; dropout reseeds from the position anyway,
+                                  autodp.dropout_seed)
 
 and `manifest.json` (rank 0) with the rest: where in training (epoch, step, samples seen),
 the freeze state, the metrics so far, the partial epoch's losses, and fingerprints of the
@@ -188,6 +190,8 @@ def owned_tensors(model, rt, meter) -> dict[str, torch.Tensor]:
                 out.update({f"optim.{names[id(p)]}.{s}": state[s] for s in _ADAM_SLOTS})
     out.update({f"meter.{n}": g for n, g in meter.named_sums().items()})  # each replica its share
     out[f"rng.{rank}"] = torch.get_rng_state()
+    if torch.cuda.is_initialized():
+        out[f"rng_cuda.{rank}"] = torch.cuda.get_rng_state()
     return out
 
 
@@ -202,9 +206,11 @@ def restore(path: Path, model, rt, meter, same_world: bool) -> None:
                        f"optim.{n}.step": torch.zeros((), dtype=torch.float32, device=p.device)})
     wanted.update({f"meter.{n}": torch.zeros_like(p, dtype=torch.float32)
                    for params in rt.meter_params.values() for n, p in params})
-    rng = f"rng.{dist.get_rank()}"
+    rng, rng_cuda = f"rng.{dist.get_rank()}", f"rng_cuda.{dist.get_rank()}"
     if same_world:
         wanted[rng] = torch.get_rng_state()
+        if torch.cuda.is_initialized():
+            wanted[rng_cuda] = torch.cuda.get_rng_state()
     found = load_tensors(path, wanted)
     for n, p in rt.params:
         if rt.optimizer is not None and all(f"optim.{n}.{s}" in found for s in _ADAM_SLOTS):
@@ -212,3 +218,5 @@ def restore(path: Path, model, rt, meter, same_world: bool) -> None:
     meter.restore(rt.meter_params, {k[len("meter."):]: v for k, v in found.items() if k.startswith("meter.")})
     if rng in found:
         torch.set_rng_state(found[rng])
+    if rng_cuda in found:
+        torch.cuda.set_rng_state(found[rng_cuda])

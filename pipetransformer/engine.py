@@ -22,7 +22,7 @@ from torch import nn
 
 from . import checkpoint, distributed
 from .autocache import AutoCache
-from .autodp import Topology, average_gradients, lr_scale, ramped, replica_rows
+from .autodp import Topology, average_gradients, dropout_seed, lr_scale, ramped, replica_rows
 from .autofreeze import FreezeState, GradNormMeter, decide_across_world
 from .autopipe import next_stage_count
 from .config import Config, RunFacts, apply_overrides
@@ -290,6 +290,8 @@ class Trainer:
     def _train_step(self, batch: dict) -> torch.Tensor:
         """One optimizer step; the mean loss as a tensor (reading it would wait for the device)."""
         rt = self.rt
+        if self.cfg.train.dropout:  # this process's own stream, replayed by a resume from the position
+            torch.manual_seed(dropout_seed(self.cfg.train.seed, self.samples_seen, self.rank))
         _, losses = self._run_schedule(batch, train=True)
         average_gradients([p for _, p in rt.params], rt.layout, rt.replica_group)  # sync point
         if self.cfg.freeze.freeze == "adaptive":  # only the adaptive rule reads norms; before clipping

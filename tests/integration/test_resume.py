@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import assert_same_training, run_command
@@ -78,6 +79,18 @@ def test_two_processes_equal_one_and_resume_on_one(tmp_path, one_process, two_pr
     out = run_command("train", "--resume", str(stopped), "--nproc", "1")
     assert out.returncode == 0, out.stderr[-4000:]
     assert_same_end(one_process, stopped)
+
+
+def test_with_dropout_on_a_resumed_run_replays_every_process_s_masks(tmp_path, tiny_bert, tiny_csv, two_processes):
+    run = _train(tmp_path / "ref", tiny_bert, tiny_csv, "--nproc", "2", "--dropout", "on")
+    moved = load_file(run / "final" / "model.safetensors")
+    plain = load_file(two_processes / "final" / "model.safetensors")
+    assert any(not torch.allclose(moved[n], plain[n], atol=1e-4) for n in plain)  # dropout drew masks
+    stopped, (_, step) = _stopped_copy(run, tmp_path / "run", 6)
+    assert step > 0  # mid-epoch, in the 1-stage x 2-replica layout
+    out = run_command("train", "--resume", str(stopped), "--nproc", "2")
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert_same_end(run, stopped, same_layouts=True)
 
 
 def test_a_four_process_run_resumes_on_two(tmp_path, tiny_bert, tiny_csv):

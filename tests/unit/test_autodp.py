@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipetransformer.autodp import Layout, lr_scale, ramped, replica_batch, replica_rows
+from pipetransformer.autodp import Layout, dropout_seed, lr_scale, ramped, replica_batch, replica_rows
 from pipetransformer.autopipe import divisors
 from pipetransformer.data.sampler import BatchSampler
 
@@ -69,3 +69,9 @@ def test_the_lr_ramps_to_a_new_scale_without_a_jump():
     assert max(b - a for a, b in zip(seen, seen[1:])) == 0.25          # never more than 1/ramp per step
     assert ramped(1.0, 2.0, 0, 0) == 2.0                               # no ramp: at once
     assert ramped(1.5, 1.0, 1, 2) == 1.25                              # down as well as up
+
+
+def test_each_process_and_step_draws_from_its_own_dropout_stream():
+    seeds = {dropout_seed(3, seen, rank) for seen in range(0, 64 * 16, 16) for rank in range(8)}
+    assert len(seeds) == 64 * 8 and all(0 <= s < 2**63 for s in seeds)
+    assert dropout_seed(3, 32, 1) == dropout_seed(3, 32, 1) != dropout_seed(4, 32, 1)  # a replay, another seed
