@@ -138,6 +138,12 @@ class FreezeConfig:
 @dataclass
 class ParallelConfig:
     nproc: int = _f(1, "local processes to launch (one per GPU, or CPU processes with gloo)")
+    nnodes: int = _f(1, "machines the run spans, each running the same command with its own "
+                     "--node-rank and --nproc processes")
+    node_rank: int = _f(0, "this machine's rank, 0 to --nnodes - 1; node 0 hosts --rdzv-endpoint, "
+                        "and its run folder gets the metrics and final/")
+    rdzv_endpoint: str = _f("", "with --nnodes 2 or more: HOST:PORT where the machines meet, node 0's "
+                            "name or address and a free port there that every machine can reach")
     stages: int = _f(0, "pipeline stages at the start (a divisor of the world size); 0: all "
                      "processes form one pipeline, the paper's starting layout")
     elastic: bool = _f(True, "re-partition onto fewer stages and add replicas as layers freeze "
@@ -171,6 +177,18 @@ class ParallelConfig:
             raise _bad("comm_timeout", self.comm_timeout, "use between 1 and 86400 seconds")
         if self.nproc < 1:
             raise _bad("nproc", self.nproc, "use at least 1 process")
+        if self.nnodes < 1:
+            raise _bad("nnodes", self.nnodes, "use at least 1 machine")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise _bad("node_rank", self.node_rank, f"with --nnodes {self.nnodes} the machines are numbered "
+                       f"0 to {self.nnodes - 1}; give each machine its own")
+        host, _, port = self.rdzv_endpoint.rpartition(":")
+        if self.rdzv_endpoint and not (host.strip("[]") and port.isdigit() and 0 < int(port) < 65536):
+            raise _bad("rdzv_endpoint", self.rdzv_endpoint, "give HOST:PORT, e.g. node0.example.com:29500 "
+                       "(a port from 1 to 65535)")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise _bad("rdzv_endpoint", self.rdzv_endpoint, f"the {self.nnodes} machines meet there: pass "
+                       f"node 0's name or address and a free port, e.g. --rdzv-endpoint node0.example.com:29500")
         if self.stages < 0:
             raise _bad("stages", self.stages, "use 0 (all processes) or a positive divisor of --nproc")
         if self.schedule not in ("gpipe", "1f1b"):
