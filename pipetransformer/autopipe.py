@@ -6,8 +6,9 @@ the pipeline layout can be unit-tested and reproduced without devices.
 Vocabulary.  The model is an ordered list of *units* ("embed", "block.0.attn",
 "block.0.mlp", ..., "head").  Frozen units form a prefix and run outside the pipeline on
 stage 0's device; only the ACTIVE suffix is partitioned into ``K`` contiguous, non-empty
-stages.  For memory accounting the frozen prefix is charged to stage 0 as
-``frozen_cost = frozen_factor * sum(frozen sizes)`` (the paper's lambda_frozen = 1/6:
+stages.  Stages balance compute (matrix parameters, or profiled time); compression checks
+memory: every parameter a stage holds, embedding tables included, the frozen prefix charged
+to stage 0 as ``frozen_factor * sum(frozen memory)`` (the paper's lambda_frozen = 1/6:
 frozen weights need no gradients, optimizer state or stored activations).
 """
 
@@ -29,6 +30,8 @@ __all__ = [
     "largest_divisor_at_most",
     "memory_costs",
     "balance_costs",
+    "layout_memory",
+    "stage_memory",
     "next_stage_count",
 ]
 
@@ -196,20 +199,31 @@ def largest_divisor_at_most(n: int, limit: int) -> int:
     return next(d for d in divisors(n) if d <= limit)
 
 
+def stage_memory(bounds: Sequence[int], memory: Sequence[float], frozen_memory: float) -> float:
+    """The fullest stage's memory when the active units are cut at ``bounds``: the sum of its
+    units' ``memory``, stage 0 also holding the frozen prefix's ``frozen_memory``."""
+    return max((frozen_memory if s == 0 else 0.0) + sum(memory[a:b])
+               for s, (a, b) in enumerate(zip(bounds, bounds[1:])))
+
+
 def compress(
     active_costs: Sequence[float],
     frozen_cost: float,
     num_stages: int,
     world_size: int,
     budget: float,
+    memory: tuple[Sequence[float], float] | None = None,
 ) -> int:
     """The paper's pipeline compression rule; returns the new stage count K.
 
     From K = ``num_stages``, the next candidate is the largest divisor d of
     ``world_size`` with ``d <= K // 2`` (exactly K/2 for the paper's powers of two;
-    W=6 goes 6 -> 3 -> 1).  If ``balance(active_costs, d, frozen_cost).max_cost`` fits in
-    ``budget`` (the largest stage cost at the start of training), switch to d and try
-    again; stop at the first candidate that does not fit, or at K == 1.  K never grows.
+    W=6 goes 6 -> 3 -> 1).  The active units are cut into d stages by
+    ``balance(active_costs, d, frozen_cost)``; if the fullest stage's memory
+    (``stage_memory`` of ``memory`` = (active units' memory, frozen prefix's memory); the
+    costs themselves when not given) fits in ``budget`` (the fullest stage at the start of
+    training), switch to d and try again; stop at the first candidate that does not fit, or
+    at K == 1.  K never grows.
 
     If ``num_stages`` exceeds the number of active units, K first drops to the largest
     divisor of ``world_size`` not above that number (forced: stages must be non-empty,
@@ -233,9 +247,11 @@ def compress(
         raise ValueError(f"budget must be finite, got {budget!r}")
     K = num_stages if num_stages <= n else largest_divisor_at_most(world_size, n)
     limit = budget + abs(budget) * _BUDGET_RTOL
+    unit_memory, frozen_memory = memory if memory is not None else (active_costs, frozen_cost)
     while K > 1:
         nxt = largest_divisor_at_most(world_size, K // 2)
-        if balance(active_costs, nxt, frozen_cost=frozen_cost).max_cost > limit:
+        cut = balance(active_costs, nxt, frozen_cost=frozen_cost).bounds
+        if stage_memory(cut, unit_memory, frozen_memory) > limit:
             break
         K = nxt
     return K
@@ -274,37 +290,57 @@ def choose_microbatches(num_stages: int, batch_per_replica: int) -> int:
 class UnitCost:
     """What the planner knows of one unit: its place and its costs.
 
-    ``size``: matrix parameters (the memory rule); ``seconds``: (forward+backward, forward)
-    when the unit was profiled.
+    ``size``: matrix parameters, the compute the stages balance (lookups left out);
+    ``memory``: every parameter the unit holds, embedding tables included (the memory rule;
+    ``size`` when not given); ``seconds``: (forward+backward, forward) when profiled.
     """
 
     name: str
     freeze_index: int
     size: float
     seconds: tuple[float, float] | None = None
+    memory: float | None = None
+
+    @property
+    def held(self) -> float:
+        return self.size if self.memory is None else self.memory
+
+
+def _weighed(units: Sequence[UnitCost], frozen: int, weight) -> tuple[list[float], float]:
+    # a frozen unit holds no gradients and no Adam state: it weighs DEFAULT_FROZEN_FACTOR
+    active = [weight(u) for u in units if u.freeze_index >= frozen]
+    return active, DEFAULT_FROZEN_FACTOR * sum(weight(u) for u in units if u.freeze_index < frozen)
 
 
 def memory_costs(units: Sequence[UnitCost], frozen: int) -> tuple[list[float], float]:
-    """(active units' costs, the frozen prefix's cost) by parameter size with k = ``frozen``;
-    a frozen unit holds no gradients and no Adam state, so it weighs DEFAULT_FROZEN_FACTOR."""
-    active = [u.size for u in units if u.freeze_index >= frozen]
-    return active, DEFAULT_FROZEN_FACTOR * sum(u.size for u in units if u.freeze_index < frozen)
+    """(active units' memory, the frozen prefix's memory) with k = ``frozen``: every parameter
+    (an active one also carries its gradient and Adam state, a frozen one only its weight,
+    hence DEFAULT_FROZEN_FACTOR)."""
+    return _weighed(units, frozen, lambda u: u.held)
 
 
 def balance_costs(units: Sequence[UnitCost], frozen: int) -> tuple[list[float], float]:
     """The costs the stages balance: measured time when every unit carries a profile (frozen
-    units then cost their forward pass on stage 0), else parameter size (``memory_costs``)."""
+    units then cost their forward pass on stage 0), else matrix parameters (a frozen unit's
+    forward weighing DEFAULT_FROZEN_FACTOR)."""
     if units and all(u.seconds is not None for u in units):
         active = [u.seconds[0] for u in units if u.freeze_index >= frozen and u.seconds]
         return active, sum(u.seconds[1] for u in units if u.freeze_index < frozen and u.seconds)
-    return memory_costs(units, frozen)
+    return _weighed(units, frozen, lambda u: u.size)
+
+
+def layout_memory(units: Sequence[UnitCost], frozen: int, stages: int) -> float:
+    """The fullest stage's memory when the active units are cut into ``stages`` as the
+    trainer cuts them (``balance`` of ``balance_costs``)."""
+    active, frozen_cost = balance_costs(units, frozen)
+    return stage_memory(balance(active, stages, frozen_cost=frozen_cost).bounds, *memory_costs(units, frozen))
 
 
 def next_stage_count(units: Sequence[UnitCost], frozen: int, stages: int, world_size: int,
                      budget: float, elastic: bool) -> int:
     """Stages after freezing to ``frozen``: the compression rule (elastic), or the current
     count unless fewer units stay active than it has stages (fixed layout)."""
-    active, frozen_cost = memory_costs(units, frozen)
+    active, frozen_cost = balance_costs(units, frozen)
     if not elastic:
         return largest_divisor_at_most(world_size, min(stages, len(active)))
-    return compress(active, frozen_cost, stages, world_size, budget)
+    return compress(active, frozen_cost, stages, world_size, budget, memory_costs(units, frozen))

@@ -141,7 +141,8 @@ def read_manifest(path: Path) -> Snapshot:
         if raw.pop("format") != FORMAT:
             raise ValueError("format")
         raw.pop("time", None)
-        return Snapshot(**raw)
+        start, since = raw.pop("lr_ramp", (1.0, 0))  # JSON keeps a list; older checkpoints have none
+        return Snapshot(**raw, lr_ramp=(float(start), int(since)))
     except (OSError, ValueError, TypeError, KeyError):
         raise ConfigError(f"checkpoint {path}: its {MANIFEST} is missing or unreadable; remove "
                           f"that folder to resume from the one before, or start a new run") from None

@@ -80,7 +80,8 @@ class Profile:
         (forward+backward, forward) at the largest profiled batch."""
         def seconds(u: UnitProfile) -> tuple[float, float] | None:
             return (u.forward_seconds[-1] + u.backward_seconds[-1], u.forward_seconds[-1]) if by_time else None
-        return tuple(UnitCost(u.name, u.freeze_index, u.matrix_params, seconds(u)) for u in self.units)
+        return tuple(UnitCost(u.name, u.freeze_index, u.matrix_params, seconds(u), u.param_bytes)
+                     for u in self.units)
 
 
 def read_profile(path: str | Path) -> Profile:

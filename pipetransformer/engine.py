@@ -125,8 +125,7 @@ class Trainer:
             p.units, frozen, p.start_stages, self.world, p.budget, p.elastic)
         self.rt = build_runtime(plan(p, frozen, stages), self.env, {})
         checkpoint.restore(path, self.model, self.rt, self.meter, snap.world == self.world)
-        self.samples_seen, self.records = snap.samples_seen, snap.records
-        self.lr_ramp = (float(snap.lr_ramp[0]), int(snap.lr_ramp[1]))
+        self.samples_seen, self.records, self.lr_ramp = snap.samples_seen, snap.records, snap.lr_ramp
         self.epoch, self.first_step, self.partial = snap.epoch, snap.step, snap.partial
         self.cache.on_freeze(0, frozen, self.rt)
         self.recorder.log(f"resumed from {path} (epoch {snap.epoch + 1}, step {snap.step}) on "

@@ -94,8 +94,8 @@ class Runtime:
 
 def unit_costs(model: StagedModel, seconds: dict[str, tuple[float, float]] | None = None) -> tuple[UnitCost, ...]:
     """The planner's view of `model`: each unit's place, size and (if profiled) times."""
-    return tuple(UnitCost(u.name, u.freeze_index, u.cost(), seconds[u.name] if seconds else None)
-                 for u in model.units)
+    return tuple(UnitCost(u.name, u.freeze_index, u.cost(), seconds[u.name] if seconds else None,
+                          sum(p.numel() for p in u.module.parameters())) for u in model.units)
 
 
 def _loss(logits, target):

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from .autodp import Layout, replica_batch
-from .autopipe import UnitCost, balance, balance_costs, choose_microbatches, memory_costs, next_stage_count
+from .autopipe import UnitCost, balance, balance_costs, choose_microbatches, layout_memory, next_stage_count
 
 if TYPE_CHECKING:
     from .autocache import AutoCache
@@ -48,9 +48,8 @@ class PlanInputs:
 
     @cached_property
     def budget(self) -> float:
-        """The compression budget: the largest stage's memory in the starting layout."""
-        active, frozen_cost = memory_costs(self.units, 0)
-        return balance(active, self.start_stages, frozen_cost=frozen_cost).max_cost
+        """The compression budget: the fullest stage's memory in the starting layout."""
+        return layout_memory(self.units, 0, self.start_stages)
 
 
 @dataclass(frozen=True)

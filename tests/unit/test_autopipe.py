@@ -18,6 +18,7 @@ from pipetransformer.autopipe import (
     compress,
     divisors,
     largest_divisor_at_most,
+    layout_memory,
     memory_costs,
     next_stage_count,
 )
@@ -376,3 +377,28 @@ def test_next_stage_count_compresses_only_when_elastic():
     assert next_stage_count(UNITS, 2, 2, 2, budget, elastic=True) == 1   # only the head is left
     assert next_stage_count(UNITS, 1, 2, 2, budget, elastic=False) == 2  # fixed: keeps two stages
     assert next_stage_count(UNITS, 2, 2, 2, budget, elastic=False) == 1  # one unit cannot fill two
+
+
+def bert_base_unit_costs() -> list[UnitCost]:
+    """BERT-base as the trainer sees it: the embedding unit computes next to nothing (lookups
+    and a LayerNorm) yet holds 23.8 M of the model's 110 M parameters."""
+    sizes = bert_units()
+    names = ["embed"] + [f"block.{i}.{p}" for i in range(L) for p in ("attn", "mlp")] + ["head"]
+    index = [0] + [i for i in range(L) for _ in range(2)] + [L]
+    compute = [2 * H] + sizes[1:]
+    return [UnitCost(n, k, c, None, m) for n, k, c, m in zip(names, index, compute, sizes)]
+
+
+def test_the_memory_rule_counts_embedding_tables_and_no_compressed_stage_exceeds_the_start():
+    units = bert_base_unit_costs()
+    start = layout_memory(units, 0, 8)
+    tables = bert_units()[0]
+    assert start >= tables  # stage 0 holds the vocabulary while it trains (weights, gradients, Adam)
+    compute_only = [UnitCost(u.name, u.freeze_index, u.size) for u in units]
+    assert start - layout_memory(compute_only, 0, 8) > 0.85 * tables  # leaving them out missed 21 M of 33 M
+    stages = 8
+    for frozen in range(L + 1):
+        stages = next_stage_count(units, frozen, stages, 8, start, elastic=True)
+        assert layout_memory(units, frozen, stages) <= start  # every layout fits where the first did
+        if stages < 8:  # the next halving would not have fitted
+            assert stages == 1 or layout_memory(units, frozen, stages // 2) > start

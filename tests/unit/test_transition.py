@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from pipetransformer.autodp import Layout
-from pipetransformer.autopipe import UnitCost
+from pipetransformer.autopipe import UnitCost, memory_costs, stage_memory
 from pipetransformer.engine import lr_factor
 from pipetransformer.models.loading import wrap_model
 from pipetransformer.runtime import profile_units, unit_costs
@@ -65,8 +65,9 @@ def test_a_profile_moves_the_cut():
     # frozen units weigh their forward time on stage 0: embed and block 0 (0.3 + 2.0 + 0.3)
     p = plan(timed, 1, 2)
     assert p.stage_costs[0] == pytest.approx(2.6 + p.bounds[1] * 1.0)
-    # the compression budget is a memory rule, whatever the balance
-    assert timed.budget == PlanInputs(_units(3), world=2, start_stages=2).budget
+    # the compression budget is the memory of the starting stages as they are cut (stage 1: all but 2 units)
+    assert timed.budget == stage_memory(plan(timed, 0, 2).bounds, *memory_costs(timed.units, 0)) == 33.0
+    assert PlanInputs(_units(3), world=2, start_stages=2).budget == 21.0  # cut by size instead
 
 
 def test_profile_times_every_unit_and_changes_no_state():
