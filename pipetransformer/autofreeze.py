@@ -1,4 +1,5 @@
-"""AutoFreeze: how many bottom blocks are frozen after each decision point.
+"""AutoFreeze: how many bottom blocks are frozen after each decision point. Pure (stdlib
+only): the statistics are gathered by `freeze_stats`.
 
 The paper's rule, with L blocks, freeze ratio alpha and g_T^l the gradient of block l
 accumulated over interval T:
@@ -20,13 +21,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import torch
-import torch.distributed as dist
-
-__all__ = ["MODES", "RULES", "FreezeState", "decide", "closed_form", "GradNormMeter", "decide_across_world",
-           "meter_shard"]
+__all__ = ["MODES", "RULES", "POLICIES", "PAPER", "FreezePolicy", "FreezeState", "converged_prefix", "decide",
+           "closed_form"]
 
 MODES = ("off", "schedule", "adaptive")
 RULES = ("through-min", "below-min")
@@ -40,6 +38,8 @@ class FreezeState:
     frozen: int = 0            # k: blocks 0..k-1 are frozen (the embedding freezes with block 0)
     budget: float = 0.0        # real-valued cap term, see module docstring
     decisions: int = 0         # T
+    history: dict = field(default_factory=dict)  # what a policy carries between decisions
+    last: dict = field(default_factory=dict)     # the last decision's numbers (metrics.jsonl)
 
     def state_dict(self) -> dict:
         return dict(self.__dict__)
@@ -57,114 +57,112 @@ def closed_form(num_blocks: int, alpha: float, decisions: int) -> int:
     return min(num_blocks, _ceil(num_blocks * (1.0 - (1.0 - alpha) ** decisions)))
 
 
-def decide(state: FreezeState, alpha: float, mode: str, grad_norms: Sequence[float] | None = None,
-           rule: str = "through-min") -> int:
+@dataclass(frozen=True)
+class FreezePolicy:
+    """How the adaptive mode judges that a block has converged, from one statistic per block
+    gathered over the decision interval (the alpha cap bounds every policy alike):
+
+    - "paper" (PipeTransformer, He et al., ICML 2021): the argmin of the accumulated gradient
+      norms, read by `rule` (module docstring).
+    - "autofreeze" (Liu, Agarwal, Venkataraman, "AutoFreeze", arXiv 2102.01386): a block's
+      gradient norm's rate of change against the previous interval, |n_prev - n| / n_prev;
+      blocks below the `percentile`-th percentile of the active blocks' rates are converged
+      (the absolute value: a growing gradient is no sign of convergence). Needs one interval
+      of history, so the first decision freezes nothing.
+    - "update-ratio": the block's drift: how far its weights moved over the interval, per
+      weight, ||w_T - w_{T-1}|| / sqrt(n) for its n weights, over how far a random walk of
+      the interval's steps would move them, (sum of the LRs) / sqrt(steps). Adam moves each
+      weight by about the LR per step, so a block whose gradient keeps its direction drifts
+      up to sqrt(steps) (it still learns); once its gradient is noise the steps cancel and
+      the drift falls to 1 or below. Blocks under `threshold` are converged. A direct measure
+      of the weights settling, in the spirit of Egeria's plasticity (Wang et al., EuroSys
+      2023) without its reference model.
+
+    For every policy the frozen prefix grows up to the first active block not judged
+    converged (blocks freeze bottom-up)."""
+    name: str = "paper"
+    rule: str = "through-min"   # paper
+    percentile: float = 50.0    # autofreeze
+    threshold: float = 1.0      # update-ratio
+
+    @property
+    def statistic(self) -> str:
+        """What the trainer measures for it: "grad_norm" or "update"."""
+        return "update" if self.name == "update-ratio" else "grad_norm"
+
+
+POLICIES = ("paper", "autofreeze", "update-ratio")
+PAPER = FreezePolicy()
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) by linear interpolation between order statistics."""
+    v = sorted(values)
+    pos = (len(v) - 1) * q / 100
+    lo = math.floor(pos)
+    return v[lo] + (v[min(lo + 1, len(v) - 1)] - v[lo]) * (pos - lo)
+
+
+def _first_unconverged(k: int, converged: Sequence[bool]) -> int:
+    """The frozen count when the prefix grows from k through every converged block in order."""
+    while k < len(converged) and converged[k]:
+        k += 1
+    return k
+
+
+def converged_prefix(state: FreezeState, stat: Sequence[float], policy: FreezePolicy) -> tuple[int, float | None]:
+    """The frozen count `policy` alone would give from this interval's per-block statistic
+    (never below state.frozen), and the threshold it applied (None for the paper's argmin).
+    Updates the history a policy keeps in `state.history`."""
+    k = state.frozen
+    if policy.name == "paper":
+        active = stat[k:]
+        smallest = k + min(range(len(active)), key=active.__getitem__)
+        return (smallest + 1 if policy.rule == "through-min" else smallest), None
+    if policy.name == "autofreeze":
+        previous, state.history["grad_norms"] = state.history.get("grad_norms"), list(stat)
+        if previous is None:
+            return k, None
+        rates = [abs(p - n) / p if p > 0 else 0.0 for p, n in zip(previous, stat)]
+        threshold = _percentile(rates[k:], policy.percentile)
+        return _first_unconverged(k, [r < threshold for r in rates]), threshold
+    if policy.name == "update-ratio":
+        return _first_unconverged(k, [u < policy.threshold for u in stat]), policy.threshold
+    raise ValueError(f"freeze policy {policy.name!r}: choose one of {POLICIES}")
+
+
+def decide(state: FreezeState, alpha: float, mode: str, statistic: Sequence[float] | None = None,
+           policy: FreezePolicy = PAPER) -> int:
     """Apply one decision to `state` in place and return the new k.
 
-    mode "off": never freeze; "schedule": the cap alone (closed form);
-    "adaptive": the cap and the gradient-norm term (needs grad_norms, one per block), read
-    by `rule` (module docstring).
+    mode "off": never freeze; "schedule": the cap alone (closed form); "adaptive": the cap
+    and `policy`'s judgement of `statistic` (one value per block; `FreezePolicy`). The
+    decision's numbers are kept in `state.last` (metrics.jsonl shows them).
     """
     if mode not in MODES:
         raise ValueError(f"freeze mode {mode!r}: choose one of {MODES}")
-    if rule not in RULES:
-        raise ValueError(f"freeze rule {rule!r}: choose one of {RULES}")
+    if policy.rule not in RULES:
+        raise ValueError(f"freeze rule {policy.rule!r}: choose one of {RULES}")
     L, k = state.num_blocks, state.frozen
     state.decisions += 1
     if mode == "off" or k >= L:
+        state.last = {"frozen": k}
         return k
     budget = state.budget + alpha * (L - state.budget)
     cap = min(L, _ceil(budget))
     new_k = cap
+    state.last = {"cap": cap}
     if mode == "adaptive":
-        if grad_norms is None or len(grad_norms) != L:
-            raise ValueError(f"adaptive freezing needs {L} gradient norms, got "
-                             f"{None if grad_norms is None else len(grad_norms)}")
-        norms = [float(n) for n in grad_norms]
-        active = norms[k:]
-        smallest = k + min(range(len(active)), key=active.__getitem__)
-        new_k = min(cap, smallest + 1 if rule == "through-min" else smallest)
+        if statistic is None or len(statistic) != L:
+            raise ValueError(f"adaptive freezing needs {L} per-block statistics, got "
+                             f"{None if statistic is None else len(statistic)}")
+        stat = [float(x) for x in statistic]
+        candidate, threshold = converged_prefix(state, stat, policy)
+        new_k = min(cap, candidate)
+        state.last.update({"policy": policy.name, "statistic": policy.statistic, "values": stat,
+                           "threshold": threshold, "converged": candidate})
     assert new_k >= k
     state.frozen = new_k
+    state.last["frozen"] = new_k
     state.budget = budget if new_k == cap else float(new_k)
     return new_k
-
-
-def meter_shard(block_params: dict[int, list[tuple[str, torch.Tensor]]], replica: int,
-                replicas: int) -> dict[int, list[tuple[str, torch.Tensor]]]:
-    """The parameters whose gradient sums replica `replica` of `replicas` keeps: every
-    replica holds the same averaged gradients, so each keeps a disjoint share (round robin
-    over the stage's parameters in order) and no process holds a copy of them all."""
-    out: dict[int, list[tuple[str, torch.Tensor]]] = {}
-    i = 0
-    for block, params in block_params.items():
-        for name, p in params:
-            if i % replicas == replica:
-                out.setdefault(block, []).append((name, p))
-            i += 1
-    return out
-
-
-class GradNormMeter:
-    """Accumulates each block's gradient over a decision interval; reports the norms.
-
-    The gradient *vectors* are summed over every step of the interval (the paper's
-    accumulated gradient), and the norm is taken once at the end. The gradients are read
-    after averaging over replicas and before clipping (a clip factor would reweight each
-    step). Each process tracks its share of its stage's parameters (`meter_shard`);
-    `squared_norms()` returns partial sums to be all-reduced over the world.
-    """
-
-    def __init__(self, num_blocks: int):
-        self.num_blocks = num_blocks
-        self._sums: dict[tuple[int, str], torch.Tensor] = {}
-
-    def accumulate(self, block_params: dict[int, list[tuple[str, torch.Tensor]]]) -> None:
-        sums, grads = [], []
-        with torch.no_grad():
-            for block, params in block_params.items():
-                for name, p in params:
-                    if p.grad is None:
-                        continue
-                    key = (block, name)
-                    if key in self._sums:
-                        sums.append(self._sums[key])
-                        grads.append(p.grad)
-                    else:
-                        self._sums[key] = p.grad.detach().float().clone()
-            if sums:  # one multi-tensor kernel, not one per parameter: this runs every step
-                torch._foreach_add_(sums, grads)
-
-    def squared_norms(self) -> torch.Tensor:
-        """Per block, the sum over owned parameters of ||accumulated grad||^2 (float64)."""
-        out = torch.zeros(self.num_blocks, dtype=torch.float64)
-        for (block, _), g in self._sums.items():
-            out[block] += g.double().pow(2).sum().cpu()
-        return out
-
-    def reset(self) -> None:
-        self._sums.clear()
-
-    def named_sums(self) -> dict[str, torch.Tensor]:
-        """The interval's sums so far by parameter name (for checkpoints)."""
-        return {name: g for (_, name), g in self._sums.items()}
-
-    def restore(self, block_params: dict[int, list[tuple[str, torch.Tensor]]],
-                sums: dict[str, torch.Tensor]) -> None:
-        """Take back sums saved by `named_sums` for the blocks this process now owns."""
-        self._sums = {(block, name): sums[name].float().to(p.device)
-                      for block, params in block_params.items() for name, p in params if name in sums}
-
-
-def decide_across_world(state: FreezeState, meter: GradNormMeter, alpha: float, mode: str,
-                        comm_device: torch.device, rule: str = "through-min") -> int:
-    """One decision for the whole run: the interval's squared norms are summed over every
-    process (each parameter counted once: the replicas of a stage share its parameters out,
-    `meter_shard`), rank 0 decides, every rank takes its k. Collective."""
-    sq = meter.squared_norms().to(comm_device)
-    dist.all_reduce(sq)
-    meter.reset()
-    k = torch.tensor([decide(state, alpha, mode, sq.cpu().sqrt().tolist(), rule)], device=comm_device)
-    dist.broadcast(k, src=0)
-    state.frozen = int(k)
-    return state.frozen

@@ -47,6 +47,8 @@ VARIANTS = {
     "d": Variant("freeze + AutoPipe + AutoDP + AutoCache", {}),
     "d-through-min": Variant("d with --freeze-rule through-min", {"freeze_rule": "through-min"}),
     "d-below-min": Variant("d with --freeze-rule below-min (the paper's argmin)", {"freeze_rule": "below-min"}),
+    "d-autofreeze": Variant("d with --freeze-policy autofreeze (Liu et al. 2021)", {"freeze_policy": "autofreeze"}),
+    "d-update-ratio": Variant("d with --freeze-policy update-ratio", {"freeze_policy": "update-ratio"}),
 }
 DEFAULT_ROWS = ("a1", "a2", "b", "c", "d")
 

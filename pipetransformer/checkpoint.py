@@ -7,7 +7,8 @@ names, so another process count loads them by name:
 
   model.<hf name>                 every unit's weights (each from its owner, see TransitionPlan.owners)
   optim.<hf name>.<slot>          AdamW's exp_avg, exp_avg_sq, step of every active parameter
-  meter.<hf name>                 the gradient sums of the interval so far (AutoFreeze)
+  meter.<hf name>                 what AutoFreeze kept of the interval so far (gradient sums or
+                                  starting weights, freeze_stats.BlockMeter), each its share
   rng.<rank>, rng_cuda.<rank>     each process's CPU and CUDA RNG states (restored on the same
                                   process count; dropout reseeds from the position anyway,
                                   autodp.dropout_seed)

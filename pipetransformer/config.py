@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from .autofreeze import MODES, POLICIES, RULES, FreezePolicy
 from .autopipe import choose_microbatches, divisors
 from .data.sources import describe_data, describe_validation, run_sizes
 from .errors import ConfigError
@@ -117,22 +118,42 @@ class TrainConfig:
 class FreezeConfig:
     freeze: str = _f("adaptive", "off: never freeze; schedule: the alpha cap alone "
                      "(k_T = ceil(L(1-(1-alpha)^T))); adaptive: the paper's rule, cap and "
-                     "gradient-norm term", ("off", "schedule", "adaptive"))
+                     "gradient-norm term", MODES)
     alpha: float = _f(1 / 3, "freeze ratio: at most this share of the still active blocks "
                       "freezes at each decision")
     freeze_rule: str = _f("through-min", "adaptive only: through-min freezes up to and including "
                           "the active block with the smallest gradient norm (at least one block per "
                           "decision); below-min is the paper's formula as printed, freezing only the "
                           "blocks below it (none when the lowest active block has the smallest norm)",
-                          ("through-min", "below-min"))
+                          RULES)
+    freeze_policy: str = _f("paper", "adaptive only: how a block is judged converged; paper: the "
+                            "smallest accumulated gradient norm (read by --freeze-rule); autofreeze: "
+                            "its gradient norm's rate of change falls below --freeze-percentile of the "
+                            "active blocks' (Liu et al. 2021); update-ratio: its weights' drift "
+                            "falls below --freeze-threshold", POLICIES)
+    freeze_percentile: float = _f(50.0, "autofreeze policy: the percentile (0-100) of the active "
+                                  "blocks' rates below which a block counts as converged")
+    freeze_threshold: float = _f(1.0, "update-ratio policy: the drift (a block's per-weight move over "
+                                 "the interval, in units of a random walk of its steps: up to "
+                                 "sqrt(steps) while it learns, about 1 once its gradient is noise) "
+                                 "below which a block counts as converged")
 
     def __post_init__(self):
-        if self.freeze not in ("off", "schedule", "adaptive"):
-            raise _bad("freeze", self.freeze, "choose off, schedule or adaptive")
+        if self.freeze not in MODES:
+            raise _bad("freeze", self.freeze, f"choose {', '.join(MODES)}")
         if not 0 < self.alpha < 1:
             raise _bad("alpha", self.alpha, "use a ratio between 0 and 1, e.g. 0.333")
-        if self.freeze_rule not in ("through-min", "below-min"):
-            raise _bad("freeze_rule", self.freeze_rule, "choose through-min or below-min")
+        if self.freeze_rule not in RULES:
+            raise _bad("freeze_rule", self.freeze_rule, f"choose {' or '.join(RULES)}")
+        if self.freeze_policy not in POLICIES:
+            raise _bad("freeze_policy", self.freeze_policy, f"choose {', '.join(POLICIES)}")
+        if not 0 <= self.freeze_percentile <= 100:
+            raise _bad("freeze_percentile", self.freeze_percentile, "use a percentile between 0 and 100")
+        if not self.freeze_threshold > 0:
+            raise _bad("freeze_threshold", self.freeze_threshold, "use a positive drift, e.g. 1.0")
+
+    def policy(self) -> FreezePolicy:
+        return FreezePolicy(self.freeze_policy, self.freeze_rule, self.freeze_percentile, self.freeze_threshold)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from torch import nn
 from . import checkpoint, distributed
 from .autocache import AutoCache
 from .autodp import Topology, average_gradients, dropout_seed, lr_scale, ramped, replica_rows
-from .autofreeze import FreezeState, GradNormMeter, decide_across_world
+from .autofreeze import FreezeState
 from .autopipe import next_stage_count
 from .config import Config, RunFacts, apply_overrides
 from .data.augment import crop_flip
@@ -31,6 +31,7 @@ from .data.dataset import Dataset, load_data
 from .data.loader import StepLoader, loader_workers
 from .data.sampler import BatchSampler
 from .data.sources import describe_data
+from .freeze_stats import BlockMeter, decide_across_world
 from .models.base import StagedModel
 from .models.loading import load_model
 from .qa_eval import SpanScorer
@@ -81,7 +82,8 @@ class Trainer:
         cfg.validate(self.world, RunFacts(model.modality, model.modality, len(model.units), len(self.train_data),
                                           image_size=image_size, task=model.task))
         self.recorder = Recorder(cfg, self.rank, progress)
-        self.freeze, self.meter = FreezeState(model.num_blocks), GradNormMeter(model.num_blocks)
+        self.policy = cfg.freeze.policy()
+        self.freeze, self.meter = FreezeState(model.num_blocks), BlockMeter(model.num_blocks, self.policy.statistic)
         self.sampler = BatchSampler(len(self.train_data), cfg.train.seed)
         pc, t = cfg.parallel, cfg.train
         self.plans = PlanInputs(unit_costs(model), self.world, pc.stages or self.world, pc.elastic,
@@ -163,7 +165,8 @@ class Trainer:
             if epoch + 1 < cfg.train.epochs:
                 fc = cfg.freeze
                 frozen = decide_across_world(self.freeze, self.meter, fc.alpha, fc.freeze, self.comm_device,
-                                             fc.freeze_rule)
+                                             self.policy)
+                rec["decision"] = self.freeze.last
                 new = next_plan(self.plans, p, frozen)
                 if (new.frozen, new.layout) != (p.frozen, p.layout):
                     seconds = self._transition(new)
@@ -293,11 +296,13 @@ class Trainer:
             torch.manual_seed(dropout_seed(self.cfg.train.seed, self.samples_seen, self.rank))
         _, losses = self._run_schedule(batch, train=True)
         average_gradients([p for _, p in rt.params], rt.layout, rt.replica_group)  # sync point
-        if self.cfg.freeze.freeze == "adaptive":  # only the adaptive rule reads norms; before clipping
+        lr = self._lr()
+        if self.cfg.freeze.freeze == "adaptive":  # only the adaptive mode measures; before clipping
             self.meter.accumulate(rt.meter_params)
+            history = self.freeze.history  # the interval's LRs and steps, for the update statistic
+            history["lr_sum"], history["steps"] = history.get("lr_sum", 0.0) + lr, history.get("steps", 0) + 1
         clip_grad_norm(rt, self.cfg.train.grad_clip, self.comm_device)
         if rt.optimizer is not None:
-            lr = self._lr()
             for group in rt.optimizer.param_groups:
                 group["lr"] = lr
             rt.optimizer.step()

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .autocache.policy import host_budget, should_cache, tier_name, tier_rows
-from .autofreeze import FreezeState, decide
+from .autofreeze import FreezePolicy, FreezeState, decide
 from .config import Config, apply_overrides
 from .costs import GB, Hardware, Profile, UnitProfile
 from .errors import ConfigError
@@ -120,7 +120,7 @@ def assumed_trace(num_blocks: int, epochs: int, mode: str, alpha: float, rule: s
     state, trace = FreezeState(num_blocks), [0]
     norms = [float(num_blocks - i) for i in range(num_blocks)]
     for _ in range(epochs - 1):
-        trace.append(decide(state, alpha, mode, norms if mode == "adaptive" else None, rule))
+        trace.append(decide(state, alpha, mode, norms if mode == "adaptive" else None, FreezePolicy(rule=rule)))
     return trace
 
 

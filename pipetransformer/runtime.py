@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .autodp import Layout, Topology
-from .autofreeze import meter_shard
 from .autopipe import UnitCost
+from .freeze_stats import meter_shard
 from .models.base import StagedModel, Unit
 from .timing import best_seconds
 
