@@ -94,6 +94,22 @@ def test_with_dropout_on_a_resumed_run_replays_every_process_s_masks(tmp_path, t
     assert_same_end(run, stopped, same_layouts=True)
 
 
+@pytest.mark.parametrize("nproc", ["1", "2"])
+def test_a_resume_mid_interval_keeps_what_the_freeze_policy_measured(tmp_path, tiny_bert, tiny_csv, nproc):
+    """update-ratio measures from the weights at the interval's start and the LRs since:
+    both must come back from the checkpoint, on the same and on another process count."""
+    policy = ["--freeze", "adaptive", "--freeze-policy", "update-ratio", "--freeze-threshold", "1e9"]
+    run = _train(tmp_path / "ref", tiny_bert, tiny_csv, "--nproc", "2", *policy)
+    stopped, (epoch, step) = _stopped_copy(run, tmp_path / "run", 1)
+    assert (epoch, step) == (0, 4)  # inside the first interval
+    out = run_command("train", "--resume", str(stopped), "--nproc", nproc)
+    assert out.returncode == 0, out.stderr[-4000:]
+    for ref, got in zip(_records(run)[:-1], _records(stopped)[:-1]):
+        assert torch.allclose(torch.tensor(ref["decision"]["values"]), torch.tensor(got["decision"]["values"]),
+                              rtol=1e-5)
+    assert_same_end(run, stopped, same_layouts=nproc == "2")
+
+
 def test_a_four_process_run_resumes_on_two(tmp_path, tiny_bert, tiny_csv):
     four = _train(tmp_path / "four", tiny_bert, tiny_csv, "--nproc", "4")
     assert _records(four)[0]["stages"] == 4

@@ -87,3 +87,21 @@ def test_stages_balanced_by_profiled_time_keep_the_same_math(tmp_path, tiny_bert
     assert "balance by time: 18 units profiled" in got[2]
     assert got[0][0]["stages"] == 2
     assert_same_training(reference, got)
+
+
+@pytest.mark.parametrize("policy", ["autofreeze", "update-ratio"])
+def test_each_freeze_policy_measures_and_decides_alike_on_one_and_two_processes(tmp_path, tiny_bert, tiny_csv,
+                                                                                 policy):
+    # a threshold every drift is under: update-ratio's verdict is "converged", the cap decides
+    extra = ["--freeze", "adaptive", "--freeze-policy", policy, "--freeze-threshold", "1e9", "--epochs", "4"]
+    one = _train(tmp_path / "one", tiny_bert, tiny_csv, "--nproc", "1", *extra)
+    two = _train(tmp_path / "two", tiny_bert, tiny_csv, "--nproc", "2", *extra)
+    decisions = [[r["decision"] for r in run[0][:-1]] for run in (one, two)]
+    assert all(d["policy"] == policy and len(d["values"]) == 8 for d in decisions[0])
+    assert any(v > 0 for d in decisions[0] for v in d["values"])
+    for a, b in zip(*decisions):
+        assert torch.allclose(torch.tensor(a["values"]), torch.tensor(b["values"]), rtol=1e-4, atol=1e-7)
+        assert (a["converged"], a["frozen"]) == (b["converged"], b["frozen"])
+    if policy == "update-ratio":  # the cap's pace; the statistic was measured across a re-layout
+        assert [r["frozen_after"] for r in one[0][:-1]] == [4, 6, 7] and two[0][-1]["replicas"] == 2
+    assert_same_training(one, two)
