@@ -45,7 +45,7 @@ def _exact_match(model, data) -> float:
 
 def test_minilm_learns_to_answer_and_final_is_a_qa_model(tmp_path):
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
-    data = make_squad(tmp_path / "facts.json", paragraphs=100, questions=2, facts=(3, 4), countries=(1, 1))
+    data = make_squad(tmp_path / "facts.json", paragraphs=200, questions=2, facts=(3, 4), countries=(1, 1))
     cfg = DataConfig(data=str(data), train_samples=0, val_fraction=0.2, doc_stride=8)
     untrained = load_model("minilm-l6", 2, seed=0, label_names=QA_LABELS, task="qa")  # the run's fresh head
     val = load_qa_data(cfg, untrained, 48, 0, tmp_path / "probe")[1]
