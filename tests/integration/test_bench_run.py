@@ -29,7 +29,9 @@ def test_small_bench_runs_the_ablation_and_writes_its_tables(tmp_path):
     for name in ("b", "c", "d"):  # the alpha schedule, 1/2: 0, 3, 5 of 6 blocks
         assert rows[name]["frozen_layers"] == [[0, 3, 5]], name
     assert rows["b"]["layouts"] == [["2x1"] * 3]  # freezes, never re-lays out
-    assert rows["c"]["layouts"] == rows["d"]["layouts"] == [["2x1", "2x1", "1x2"]]
+    # MiniLM's vocabulary (11.7 M of its 22.7 M parameters) sits on stage 0 at the start and sets the
+    # memory budget, so once 3 blocks freeze one stage holding the rest fits within it
+    assert rows["c"]["layouts"] == rows["d"]["layouts"] == [["2x1", "1x2", "1x2"]]
     assert rows["d"]["speedup_over_a1"] > 1.2  # five of six blocks frozen in the last epoch must pay
     assert result["target_accuracy"] == pytest.approx(rows["a2"]["final_accuracy"] - 0.003)
     md = (out / "bench.md").read_text()
