@@ -127,7 +127,9 @@ class AutoCache:
                 self.close()
                 return
         stats = self.store.stats()
-        self.log(f"cache {note}; tier {stats['cache_tier']}, {stats['cache_bytes'] / 2**20:.0f} MiB")
+        machines = self.store.nodes  # each fills its own copy with the rows its processes read
+        where = f" on each of {machines} machines, each filled by its own processes" if machines > 1 else ""
+        self.log(f"cache {note}; tier {stats['cache_tier']}, {stats['cache_bytes'] / 2**20:.0f} MiB{where}")
 
     def inputs(self, batch: dict, rt) -> tuple:
         """The first stage's inputs for `batch`: cached prefix outputs (computed and stored

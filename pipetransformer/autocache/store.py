@@ -16,6 +16,9 @@ the level moves to k' in place, with no second copy alive and the same budgets. 
 batch's entries are read ahead on a background thread while the current step computes.
 
 Files are removed by `close()`, at exit, and on SIGTERM (see stopping.stop_on_signals).
+Their names carry the machine (host name and node rank: two "machines" of one run may share
+a host) and a process id on that machine, so each machine's `remove_orphans` can tell the
+files of a run that died there from live ones.
 """
 from __future__ import annotations
 
@@ -104,7 +107,8 @@ class ActivationCache:
                  agree: Callable[[list[int]], list[int]] = _same_everywhere):
         self.num_rows, self.row_shape, self.dtype = num_rows, tuple(row_shape), dtype
         self.row_bytes = int(torch.Size(row_shape).numel()) * torch.empty((), dtype=dtype).element_size()
-        self.prefix = f"pipetransformer-{run_id}-{socket.gethostname()}"
+        self.run_id, self.node, self.nodes = run_id, *_machine()
+        self.prefix = self._prefix(os.getpid())
         self.disk_dir, self.host_budget = Path(disk_dir), host_budget
         self.device, self.device_budget = device, device_budget
         self.local_rank, self._barrier, self._agree = local_rank, barrier, agree
@@ -123,6 +127,9 @@ class ActivationCache:
         Raises CacheDoesNotFit, on every process, when the rows fit neither the host budget
         (capped by /dev/shm's free space) nor the run folder's free disk space."""
         assert self.level is None, "one level at a time: advance() moves it to a new k"
+        # the owner: the lowest process id of this machine's processes (each machine its own files)
+        self.prefix = self._prefix(self._agree([os.getpid() if n == self.node else 2**62
+                                                for n in range(self.nodes)])[self.node])
         device_budget = self.device_budget if self.device.type == "cuda" else 0
         host = min(self.host_budget, free_bytes(SHM_DIR) - self.num_rows)  # the "filled" bytes live there too
         device_budget, host, disk = self._agree([device_budget, max(0, host), free_bytes(self.disk_dir)])
@@ -142,6 +149,10 @@ class ActivationCache:
             parts.append(_Part(tier, start, stop, data, path))
         valid = self._map(SHM_DIR / f"{self.prefix}-valid.bin", (self.num_rows,), torch.uint8)
         self.level = _Level(k, parts, valid)
+
+    def _prefix(self, owner_pid: int) -> str:
+        """pipetransformer-<pid on this machine>-<run id>-<host>-node<R>: what remove_orphans reads."""
+        return f"pipetransformer-{owner_pid}-{self.run_id}-{socket.gethostname()}-node{self.node}"
 
     def _map(self, path: Path, shape, dtype) -> torch.Tensor:
         """A new zero-filled file mapped by every local process (collective). Its bytes are
@@ -280,9 +291,16 @@ class ActivationCache:
             pass
 
 
+def _machine() -> tuple[int, int]:
+    """(this machine's rank, machines in the run), as torchrun tells its workers."""
+    return int(os.environ.get("GROUP_RANK", 0)), int(os.environ.get("GROUP_WORLD_SIZE", 1))
+
+
 def remove_orphans(run_dir: Path) -> list[Path]:
     """Remove cache files of this machine whose owning process is gone (a run killed with -9
-    cannot clean up): in /dev/shm, and the disk tier in `run_dir`. Returns what went."""
+    cannot clean up): in /dev/shm, and the disk tier in `run_dir` (which other machines may
+    share: their files carry their host name, and their process ids mean nothing here).
+    Each machine's local rank 0 calls it. Returns what went."""
     host, gone = socket.gethostname(), []
     for folder in (SHM_DIR, run_dir / "cache"):
         for path in folder.glob("pipetransformer-*.bin") if folder.is_dir() else []:
