@@ -2,7 +2,10 @@
 
 The launcher checks everything it can before any worker starts (config.validate), takes the
 run folder's lock, then trains in this process or starts --nproc workers under torchrun's
-elastic agent (restarts: --max-restarts). Exit codes: 0 done; 2 bad input or a refused
+elastic agent (restarts: --max-restarts). With --nnodes N the same command runs on each
+machine with its --node-rank: the agents meet at --rdzv-endpoint (c10d, hosted by node 0)
+and every machine gets the same checks, lock (one per machine), restarts and signals as a
+single machine does. Exit codes: 0 done; 2 bad input or a refused
 resume; 1 a failure during training; 129 / 130 / 143 stopped by SIGHUP / SIGINT / SIGTERM
 (the line printed says how to resume). Nothing imports this module.
 """
@@ -24,8 +27,8 @@ from .stopping import STOP_SIGNALS, STOPPED_EXIT_CODES, restore_signals, stop_on
 __all__ = ["main", "build_parser"]
 
 # flags a resume may change: they move work between processes, never the math
-RESUMABLE = {"nproc", "stages", "loader_workers", "schedule", "max_restarts", "comm_timeout", "checkpoint_every",
-             "keep_checkpoints", "compile"}
+RESUMABLE = {"nproc", "nnodes", "node_rank", "rdzv_endpoint", "stages", "loader_workers", "schedule",
+             "max_restarts", "comm_timeout", "checkpoint_every", "keep_checkpoints", "compile"}
 LOCK_HELD = "PIPETRANSFORMER_LOCK_HELD"  # set for workers: their launcher holds the lock
 RESUMING = "PIPETRANSFORMER_RESUME"
 
@@ -87,21 +90,24 @@ def _resume_config(args) -> Config:
                           "stay, and a later stop or restart would go back to them; keep at least 1")
     p = cfg.parallel
     if p.batch_policy == "per-replica":  # the starting layout sets each replica's batch and the LR
-        for key in ("nproc", "stages"):
+        for key in ("nproc", "nnodes", "stages"):
             if key in given and given[key] != getattr(p, key):
                 raise ConfigError(f"--{key}={given[key]}: this run keeps each replica's starting "
                                   f"batch (--batch-policy per-replica), so another layout changes its "
                                   f"math; resume with --{key} {getattr(p, key)}")
-    elif given.get("nproc", p.nproc) != p.nproc and "stages" not in given:
+    elif (given.get("nproc", p.nproc) * given.get("nnodes", p.nnodes) != p.nproc * p.nnodes
+          and "stages" not in given):
         given["stages"] = 0  # the new process count starts as one pipeline, as a new run would
     return apply_overrides(cfg, {**given, "run_dir": str(run_dir)})
 
 
-def _lock(run_dir: Path):
-    """Hold RUN_DIR/.lock for this run's life (the OS drops it when the process dies, however)."""
+def _lock(run_dir: Path, node_rank: int = 0):
+    """Hold RUN_DIR/.lock for this run's life (the OS drops it when the process dies, however).
+    Each machine of a multi-node run holds its own (.lock-node<R> for node R > 0): the
+    machines may share the folder, and two runs still cannot share one."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(run_dir / ".lock", "a+")
+        handle = open(run_dir / (f".lock-node{node_rank}" if node_rank else ".lock"), "a+")
     except OSError as e:
         raise ConfigError(f"--run-dir={str(run_dir)!r} cannot be written ({e.strerror}); pass a "
                           f"folder you can write to") from None
@@ -120,30 +126,47 @@ def _lock(run_dir: Path):
 
 def _launch(cfg: Config, resuming: bool) -> int:
     """Start --nproc workers, each `train --config <resolved config>`, under torchrun's
-    elastic agent; SIGINT / SIGTERM reach every worker, which stop within seconds."""
+    elastic agent; SIGINT / SIGTERM reach every worker, which stop within seconds. With
+    --nnodes N the agent first meets the other machines' agents at --rdzv-endpoint."""
     import logging
     import tempfile
     import uuid
 
     import yaml
+    # Several machines: when node 0's launcher (the store's host) ends first, the others' store
+    # clients log a warning with a C++ stack before the error that our one line reports. Read
+    # when torch loads: the agent's alone, the workers keep torch's warnings.
+    quiet = cfg.parallel.nnodes > 1 and "TORCH_CPP_LOG_LEVEL" not in os.environ and "torch" not in sys.modules
+    if quiet:
+        os.environ["TORCH_CPP_LOG_LEVEL"] = "ERROR"
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousClosedError, RendezvousError, RendezvousTimeoutError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    if quiet:
+        del os.environ["TORCH_CPP_LOG_LEVEL"]
 
     for name in list(logging.root.manager.loggerDict):  # each sets its own level: we say what happened
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
-    _stop_workers_promptly()
-    n = cfg.parallel.nproc
+    p = cfg.parallel
+    _use_our_agent(p.nnodes, p.node_rank)
+    n = p.nproc
     from .costs import threads_per_process, usable_cores
     os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_process(usable_cores(), n)))
     os.environ[LOCK_HELD] = "1"
     os.environ[RESUMING] = "1" if resuming else ""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=f"pipetransformer-{os.getpid()}-", delete=False) as f:
         yaml.safe_dump(cfg.to_dict(), f)
-    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=cfg.parallel.max_restarts,
-                          monitor_interval=0.2, shutdown_timeout=5)
+    if p.nnodes > 1:  # one rendezvous id on every machine; node 0 hosts it (and the workers' store)
+        launch = LaunchConfig(min_nodes=p.nnodes, max_nodes=p.nnodes, nproc_per_node=n, run_id="pipetransformer",
+                              rdzv_backend="c10d", rdzv_endpoint=p.rdzv_endpoint,
+                              rdzv_configs={"is_host": p.node_rank == 0, "join_timeout": int(p.comm_timeout)},
+                              max_restarts=p.max_restarts, monitor_interval=0.2, shutdown_timeout=5)
+    else:
+        launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=n, run_id=str(uuid.uuid4()),
+                              rdzv_backend="c10d", rdzv_endpoint=p.rdzv_endpoint or "localhost:0",
+                              max_restarts=p.max_restarts, monitor_interval=0.2, shutdown_timeout=5)
     handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
         elastic_launch(launch, sys.executable)("-u", "-m", "pipetransformer", "train", "--config", f.name)
@@ -166,6 +189,20 @@ def _launch(cfg: Config, resuming: bool) -> int:
             return failure.exitcode
         print(_failure_line(cfg, rank, failure.exitcode), file=sys.stderr)
         return 1
+    except ConfigError as e:  # the machines' --node-rank values do not fit together
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RendezvousTimeoutError:
+        print(f"error: not all {p.nnodes} machines met at --rdzv-endpoint={p.rdzv_endpoint} within "
+              f"--comm-timeout={p.comm_timeout:g} s; start the same command on every machine, each with its own "
+              f"--node-rank, and check that node 0's port is reachable from each; {_resume_hint(cfg)}",
+              file=sys.stderr)
+        return 1
+    except RendezvousError as e:  # multi-node: another machine's launcher ended (stopped or failed)
+        how = "closed" if isinstance(e, RendezvousClosedError) else "went away with node 0's launcher"
+        print(f"error: the run ended on another machine (the rendezvous at --rdzv-endpoint={p.rdzv_endpoint} "
+              f"{how}); its launcher's line says why; {_resume_hint(cfg)}", file=sys.stderr)
+        return 1
     finally:
         os.unlink(f.name)
         for key in (LOCK_HELD, RESUMING):
@@ -174,12 +211,23 @@ def _launch(cfg: Config, resuming: bool) -> int:
             signal.signal(sig, handler)
 
 
-def _stop_workers_promptly() -> None:
-    """torch's agent stops the other workers after a failure with a fixed 30 s grace (its
-    process context closes with the default timeout, and LocalElasticAgent._stop_workers
-    ignores shutdown_timeout): a stopped (SIGSTOP) peer would hold the run 30 s past its
-    error. Use the configured grace (shutdown_timeout) for both."""
+def _use_our_agent(nnodes: int, node_rank: int) -> None:
+    """torch's LocalElasticAgent with what a run needs changed:
+
+    - torch stops the other workers after a failure with a fixed 30 s grace (its process
+      context closes with the default timeout, and LocalElasticAgent._stop_workers ignores
+      shutdown_timeout): a stopped (SIGSTOP) peer would hold the run 30 s past its error.
+      The configured grace (shutdown_timeout) is used for both.
+    - bad input (exit 2) or a stop ends the restarts: a restart would meet it again.
+    - several machines: they are numbered by --node-rank (`_number_by_node_rank`); a restart
+      that another machine caused counts here too (torch counts it only where a worker
+      failed), so every worker of a round sees one TORCHELASTIC_RESTART_COUNT, which keys the
+      workers' store (distributed._attempt_store) and says that they resume; a stopped
+      launcher closes the rendezvous, so the other machines end instead of waiting to
+      restart with it."""
     from torch.distributed.elastic.agent.server import local_elastic_agent
+    from torch.distributed.elastic.agent.server.api import DEFAULT_ROLE, WorkerState
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.launcher import api
 
     class Agent(local_elastic_agent.LocalElasticAgent):
@@ -212,7 +260,142 @@ def _stop_workers_promptly() -> None:
             if codes and 2 in codes or codes and all(c in STOPPED_EXIT_CODES for c in codes):
                 self._remaining_restarts = 0
             return result
+
+        def _rendezvous(self, worker_group) -> None:
+            if nnodes > 1:
+                _number_by_node_rank(worker_group.spec.rdzv_handler, node_rank, nnodes)
+            super()._rendezvous(worker_group)
+
+        def _restart_workers(self, worker_group) -> None:
+            if worker_group.state == WorkerState.HEALTHY and self._remaining_restarts > 0:
+                self._remaining_restarts -= 1  # another machine's failure restarts the run: one round for all
+            super()._restart_workers(worker_group)
+
+        def run(self, role: str = DEFAULT_ROLE):
+            try:
+                return super().run(role)
+            except SignalException:
+                if nnodes > 1:  # stopped: the other machines end too (torch keeps it open for rescaling)
+                    try:
+                        self._worker_group.spec.rdzv_handler.set_closed()
+                    except Exception:  # noqa: BLE001 - node 0's store may be gone already: they end anyway
+                        pass
+                raise
     api.LocalElasticAgent = Agent  # type: ignore[misc]
+
+
+def _number_by_node_rank(handler, node_rank: int, nnodes: int) -> None:
+    """c10d's rendezvous numbers the machines of a round by host name and process id; a run
+    numbers them by --node-rank, so that node 0 (which hosts --rdzv-endpoint) also holds
+    global rank 0, which writes the metrics and final/ into its run folder. Each machine
+    posts its --node-rank in the round's store and takes it once all are there and they are
+    0 to N-1, each once (else every machine stops with the same line)."""
+    if getattr(handler, "_pipetransformer_ranked", False):
+        return
+    position_in_round = handler._get_world
+
+    def world() -> tuple[int, int]:
+        position, size = position_in_round()
+        store = handler._get_store()  # this round's keys
+        store.set(f"pipetransformer-node-rank-{position}", str(node_rank))
+        ranks = sorted(int(store.get(f"pipetransformer-node-rank-{i}")) for i in range(size))
+        if ranks != list(range(nnodes)):
+            raise ConfigError(f"--node-rank={node_rank} (this machine's): the {size} machines that met gave "
+                              f"--node-rank {ranks}; give each machine its own, from 0 to {nnodes - 1}")
+        return node_rank, size
+    handler._get_world = world
+    handler._pipetransformer_ranked = True
+
+
+def _check_endpoint(cfg: Config) -> None:
+    """Before a multi-node start: HOST resolves, and on node 0 (which hosts the rendezvous)
+    PORT is free."""
+    import socket
+    endpoint = cfg.parallel.rdzv_endpoint
+    host, _, port = endpoint.rpartition(":")
+    host = host.strip("[]")
+    try:
+        socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise ConfigError(f"--rdzv-endpoint={endpoint!r}: the host {host!r} cannot be resolved "
+                          f"({e.strerror or e}); pass node 0's name or address as every machine reaches it") from None
+    if cfg.parallel.node_rank == 0:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("", int(port)))
+            except OSError as e:
+                raise ConfigError(f"--rdzv-endpoint={endpoint!r}: port {port} cannot be opened on this machine "
+                                  f"({e.strerror or e}), and node 0 hosts the rendezvous there; pick a free "
+                                  f"port and give the same endpoint to every machine") from None
+
+
+def _refuse_other_run(cfg: Config) -> None:
+    """Node R > 0 does not claim its run folder as node 0 does (refuse_used_run_dir): the
+    machines may share one, which node 0 writes to. It refuses a folder that holds a finished
+    run, or a run whose config.yaml differs from its own (besides the folder's path and the
+    node rank)."""
+    run_dir = Path(cfg.run_dir)
+    if (run_dir / "final").exists():
+        raise ConfigError(f"--run-dir={str(run_dir)!r} already holds a finished run; nothing was "
+                          f"overwritten. Pass a new --run-dir or move that folder away")
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        theirs, ours = Config.from_dict(read_yaml(saved), source=str(saved)).to_dict(), cfg.to_dict()
+        for settings in (theirs, ours):
+            settings.pop("run_dir")
+            settings["parallel"].pop("node_rank")
+        if theirs != ours:
+            raise ConfigError(f"--run-dir={str(run_dir)!r} holds another run (its config.yaml has other "
+                              f"settings); nothing was overwritten. Pass a new --run-dir, or continue that "
+                              f"run with: {_resume_command(cfg)}")
+
+
+def _check_run_folders(cfg: Config, rank: int) -> None:
+    """A worker of a multi-node run, before anything else (collective): whether the machines
+    share one run folder. Checkpoints need that: every process writes its own part of one
+    (torch.distributed.checkpoint) and rank 0 the manifest that completes it, so in separate
+    folders no machine would hold a whole checkpoint to resume or restart from. Separate
+    folders work without checkpoints (--keep-checkpoints 0): node 0's gets the metrics, the
+    log and final/, each machine's its own data-cache/, cache files and error logs."""
+    import uuid
+
+    import torch
+    import torch.distributed as dist
+
+    from . import distributed
+    _, _, device = distributed.init(cfg.parallel.comm_timeout)
+    run_dir, machines = Path(cfg.run_dir), int(os.environ.get("GROUP_WORLD_SIZE", 1))
+    token = [uuid.uuid4().hex if rank == 0 else ""]
+    failed = ""
+    if rank == 0:
+        try:  # under torchrun itself no launcher has made the folder
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / f".node-check-{token[0]}").write_text(token[0])
+        except OSError as e:
+            failed = e.strerror or str(e)
+    dist.broadcast_object_list(token, src=0)  # after rank 0 wrote it
+    mark = run_dir / f".node-check-{token[0]}"
+    deadline = time.monotonic() + 1.0  # a network file system may show a new file a moment late
+    while not mark.is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    comm = device if device.type == "cuda" else torch.device("cpu")
+    shared, written = distributed.min_over_world([int(mark.is_file()), 0 if failed else 1], comm)
+    if rank == 0:
+        mark.unlink(missing_ok=True)
+    if not written:  # every process stops alike
+        raise ConfigError(f"--run-dir={cfg.run_dir!r} cannot be written on node 0 ({failed or 'see its line'}); "
+                          f"pass a folder you can write to")
+    if not shared and cfg.checkpoint.keep_checkpoints:
+        raise ConfigError(f"--run-dir={cfg.run_dir!r} is not one folder shared by the {machines} machines, and "
+                          f"checkpoints need every machine's part in one folder; put --run-dir on storage that "
+                          f"every machine mounts (the same folder for all), or pass --keep-checkpoints 0 (then a "
+                          f"stopped run starts over, and --max-restarts needs 0 too)")
+    if rank == 0:
+        print(f"run folder: {cfg.run_dir}, shared by the {machines} machines" if shared else
+              f"run folders: one per machine (not shared): node 0's {cfg.run_dir} gets the metrics, the log and "
+              f"final/; each machine keeps its own data-cache/ and cache files; no checkpoints "
+              f"(--keep-checkpoints 0), so a stopped run starts over", flush=True)
 
 
 def _stopped(cfg: Config) -> str:
@@ -220,9 +403,20 @@ def _stopped(cfg: Config) -> str:
     if (Path(cfg.run_dir) / "config.yaml").is_file():
         done = _epochs_done(Path(cfg.run_dir))
         where = f"during epoch {done + 1}" if done < cfg.train.epochs else "while writing the final model"
+    elif cfg.parallel.node_rank:
+        where = "(this machine's run folder holds none of the run's state: node 0's does)"
     else:
         where = "before training started"
-    return f"stopped {where}; resume with: pipetransformer train --resume {cfg.run_dir}"
+    return f"stopped {where}; resume with: {_resume_command(cfg)}"
+
+
+def _resume_command(cfg: Config) -> str:
+    """How to continue the run: with several machines, on each, with its own --node-rank (the
+    run's config.yaml, written by node 0, says 0)."""
+    command = f"pipetransformer train --resume {cfg.run_dir}"
+    if cfg.parallel.nnodes > 1:
+        command += f" --node-rank {cfg.parallel.node_rank} (on every machine, each with its own --node-rank)"
+    return command
 
 
 def _epochs_done(run_dir: Path) -> int:
@@ -237,7 +431,7 @@ def _resume_hint(cfg: Config) -> str:
         return "checkpoints are off (--keep-checkpoints 0): run it again to start over"
     last = latest(Path(cfg.run_dir))
     where = f"the last checkpoint is {last}" if last else "no checkpoint was written yet"
-    return f"{where}; resume with: pipetransformer train --resume {cfg.run_dir}"
+    return f"{where}; resume with: {_resume_command(cfg)}"
 
 
 def _train(cfg: Config, resuming: bool) -> int:
@@ -249,7 +443,9 @@ def _train(cfg: Config, resuming: bool) -> int:
     rank = int(os.environ.get("RANK", 0))
     trainer: Trainer | None = None
     try:
-        if rank == 0:
+        if int(os.environ.get("GROUP_WORLD_SIZE", 1)) > 1:
+            _check_run_folders(cfg, rank)
+        if distributed.local_rank_world()[0] == 0:  # every machine's own /dev/shm and cache folder
             remove_orphans(Path(cfg.run_dir))
         trainer = Trainer(cfg, resume=resuming)
         trainer.fit()
@@ -267,7 +463,9 @@ def _train(cfg: Config, resuming: bool) -> int:
             if rank == 0 and not os.environ.get(LOCK_HELD):  # under our launcher, it says it
                 print(_stopped(cfg), file=sys.stderr)
             return 128 + signum
-        if not isinstance(e, Exception):
+        # torch.distributed.checkpoint raises a peer's failure during a save (another machine's
+        # stop, say) as a CheckpointException, which is a BaseException: a failure like any other
+        if not isinstance(e, Exception) and type(e).__name__ != "CheckpointException":
             raise
         return _failed(cfg, rank, e)
     finally:
@@ -351,16 +549,22 @@ def main(argv: list[str] | None = None) -> int:
         if worker:  # under torchrun: the launcher checked and holds the lock
             restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
             return _train(cfg, resuming=bool(os.environ.get(RESUMING)) or restarted)
-        cfg.validate(cfg.parallel.nproc)
-        lock = None if os.environ.get(LOCK_HELD) else _lock(Path(cfg.run_dir))
+        p = cfg.parallel
+        cfg.validate(p.nproc * p.nnodes)
+        if p.nnodes > 1:
+            _check_endpoint(cfg)
+        lock = None if os.environ.get(LOCK_HELD) else _lock(Path(cfg.run_dir), p.node_rank)
         if not args.resume:
             from .recorder import refuse_used_run_dir
-            refuse_used_run_dir(Path(cfg.run_dir))
+            if p.node_rank:
+                _refuse_other_run(cfg)
+            else:
+                refuse_used_run_dir(Path(cfg.run_dir))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        if cfg.parallel.nproc > 1:
+        if p.nproc > 1 or p.nnodes > 1:
             return _launch(cfg, resuming=bool(args.resume))
         return _train(cfg, resuming=bool(args.resume))
     finally:

@@ -189,6 +189,9 @@ def _bench(args) -> int:
     from .bench import run_bench
     preset = PRESETS["small" if args.small else "default"]
     cfg = config_from_args(args, preset.config)
+    if cfg.parallel.nnodes > 1:
+        raise ConfigError(f"--nnodes={cfg.parallel.nnodes} is invalid for bench: its runs start on this machine; "
+                          f"drop --nnodes (time a multi-node run with `pipetransformer train --nnodes` on each)")
     rows = [r.strip() for r in args.configs.split(",") if r.strip()]
     if not rows or any(r not in VARIANTS for r in rows):
         raise ConfigError(f"--configs={args.configs!r} is invalid: choose from {', '.join(VARIANTS)}")

@@ -116,6 +116,24 @@ CASES = [
                                               "--run-dir", _write(t / "afile", b"x")], ["afile", "cannot be written"]),
     ("stages-not-dividing", lambda t, b, v, c: ["--nproc", "4", "--stages", "3"], ["--stages=3", "must divide"]),
     ("batch-not-divisible", lambda t, b, v, c: ["--nproc", "2", "--batch-size", "33"], ["--batch-size=33", "multiple of 2"]),
+    ("node-rank-out-of-range", lambda t, b, v, c: ["--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "n0:29500"],
+     ["--node-rank=2", "numbered 0 to 1"]),
+    ("nodes-without-endpoint", lambda t, b, v, c: ["--nnodes", "2", "--node-rank", "1"],
+     ["--rdzv-endpoint=''", "node 0's name or address"]),
+    ("endpoint-without-port", lambda t, b, v, c: ["--nnodes", "2", "--rdzv-endpoint", "node0"],
+     ["--rdzv-endpoint='node0'", "HOST:PORT"]),
+    ("endpoint-port-out-of-range", lambda t, b, v, c: ["--nnodes", "2", "--rdzv-endpoint", "node0:70000"],
+     ["--rdzv-endpoint='node0:70000'", "1 to 65535"]),
+    ("stages-not-dividing-machines", lambda t, b, v, c: ["--model", str(b), "--data", str(c), "--max-length", "16",
+                                                         "--nnodes", "2", "--nproc", "2", "--stages", "3",
+                                                         "--rdzv-endpoint", "localhost:29500"],
+     ["--stages=3", "number of processes (4)"]),
+    ("endpoint-host-unknown", lambda t, b, v, c: ["--model", str(b), "--data", str(c), "--max-length", "16", "--nnodes", "2",
+                                                  "--node-rank", "1", "--rdzv-endpoint", "no-such-host.invalid:29500"],
+     ["--rdzv-endpoint='no-such-host.invalid:29500'", "cannot be resolved"]),
+    ("endpoint-port-in-use", lambda t, b, v, c: ["--model", str(b), "--data", str(c), "--max-length", "16", "--nnodes", "2",
+                                                 "--rdzv-endpoint", f"localhost:{_busy_port()}"],
+     ["port", "cannot be opened on this machine", "node 0 hosts the rendezvous"]),
     ("yaml-unknown-key", lambda t, b, v, c: ["--config", _write(t / "c.yaml", b"train: {epoks: 3}\n")], ["epoks", "known keys"]),
     ("yaml-float-epochs", lambda t, b, v, c: ["--config", _write(t / "c.yaml", b"train: {epochs: 1.7}\n")], ["--epochs=1.7", "int"]),
     ("yaml-broken", lambda t, b, v, c: ["--config", _write(t / "c.yaml", b"train: [\n")], ["c.yaml", "not valid YAML"]),
@@ -188,6 +206,18 @@ def _run_folder(folder: Path, model: Path, data: Path, epochs_done: int, finishe
     if finished:
         (folder / "summary.json").write_text("{}\n")
     return str(folder)
+
+
+_HELD: list = []  # listening sockets the port-in-use case keeps open
+
+
+def _busy_port() -> int:
+    import socket
+    s = socket.socket()
+    s.bind(("", 0))
+    s.listen()
+    _HELD.append(s)
+    return s.getsockname()[1]
 
 
 def _write(path: Path, data: bytes) -> str:
