@@ -299,8 +299,9 @@ class Trainer:
         lr = self._lr()
         if self.cfg.freeze.freeze == "adaptive":  # only the adaptive mode measures; before clipping
             self.meter.accumulate(rt.meter_params)
-            history = self.freeze.history  # the interval's LRs and steps, for the update statistic
-            history["lr_sum"], history["steps"] = history.get("lr_sum", 0.0) + lr, history.get("steps", 0) + 1
+            if self.meter.statistic == "update":  # the interval's LRs and steps: the drift's scale
+                history = self.freeze.history
+                history["lr_sum"], history["steps"] = history.get("lr_sum", 0.0) + lr, history.get("steps", 0) + 1
         clip_grad_norm(rt, self.cfg.train.grad_clip, self.comm_device)
         if rt.optimizer is not None:
             for group in rt.optimizer.param_groups:

@@ -45,6 +45,8 @@ class BlockMeter:
 
     def accumulate(self, block_params: dict[int, list[tuple[str, torch.Tensor]]]) -> None:
         """Once per step, after the replica average and before the optimizer step."""
+        if self.statistic == "update" and self._kept:
+            return  # the interval's starting weights are kept: nothing to do until the decision
         sums, grads = [], []
         with torch.no_grad():
             for block, params in block_params.items():
