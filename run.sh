@@ -30,7 +30,9 @@ shift || true
 setup
 export HF_HUB_OFFLINE=1
 case "$task" in
-  train) exec "$VENV/bin/pipetransformer" train --nproc 2 "$@" ;;
+  train)  # two processes unless the flags say otherwise (a flag given twice is refused)
+    case " $* " in *" --nproc"[\ =]*) nproc=() ;; *) nproc=(--nproc 2) ;; esac
+    exec "$VENV/bin/pipetransformer" train "${nproc[@]}" "$@" ;;
   test)  exec "$PY" -m pytest -q "$@" ;;
   lint)  "$VENV/bin/ruff" check pipetransformer tests benchmarks && exec "$VENV/bin/mypy" ;;
   *) echo "usage: bash run.sh {train|test|lint} [args]" >&2; exit 2 ;;

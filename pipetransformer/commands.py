@@ -30,8 +30,26 @@ _PLAN_FIELDS = (*_PROFILE_FIELDS, "train_samples", "val_fraction", "val_data", "
                 "cache_host_fraction", "cache_host_bytes", "cache_device_fraction")
 
 
+class _StoreOnce(argparse._StoreAction):
+    """argparse's store, refusing a flag given twice (argparse keeps the last value)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = namespace.__dict__.setdefault("_flags_given", {})
+        if self.dest in given:
+            first, then = (("on" if v else "off") if isinstance(v, bool) else v for v in (given[self.dest], values))
+            parser.error(f"{option_string} is given twice ({first}, then {then}); give it once")
+        given[self.dest] = values
+        setattr(namespace, self.dest, values)
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse with one line for a flag error (argparse prints its usage first), exit 2."""
+    """argparse with one line for a flag error (argparse prints its usage first), exit 2, and
+    a flag given twice refused."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register("action", None, _StoreOnce)
+        self.register("action", "store", _StoreOnce)
 
     def error(self, message: str):
         self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
@@ -141,6 +159,9 @@ def _profile(args) -> int:
     if args.busy:
         keep_busy(cfg)
         return 0
+    if Path(args.out).exists():  # checked before minutes of timing, which would replace it
+        raise ConfigError(f"--out={args.out!r} exists already; nothing was overwritten: pass another --out "
+                          f"or move that file away")
     cfg.check_fit(describe_run(cfg))  # the model's own limits (the rows it times are synthetic)
     profile = measure(cfg, args.processes)
     write_profile(profile, args.out)
@@ -170,9 +191,10 @@ def _plan(args) -> int:
         profile = read_profile(args.profile)
     else:
         from .profiling import measure
-        cfg.validate(hardware.devices)  # before profiling: the model folder's own limits too
+        cfg.validate(hardware.devices, world_flag="devices")  # before profiling: the model folder's own limits
         profile = measure(cfg)
-    cfg.validate(hardware.devices, RunFacts(profile.modality, profile.modality, len(profile.units), samples))
+    cfg.validate(hardware.devices, RunFacts(profile.modality, profile.modality, len(profile.units), samples),
+                 world_flag="devices")
     from .planner import format_prediction, predict  # loads torch (through transition): only now
     prediction = predict(profile, hardware, cfg, samples, trace, args.choose_micro_batches)
     if args.json:

@@ -59,8 +59,9 @@ class DataConfig:
                            "answering N counts questions")
     val_fraction: float = _f(0.1, "fraction of each class held out for validation (stratified, seeded); "
                              "for question answering, of the questions (seeded)")
-    doc_stride: int = _f(128, "question answering: tokens that consecutive windows of a long context "
-                         "share (at most half of --max-length)")
+    doc_stride: int = _f(-1, "question answering: tokens that consecutive windows of a long context "
+                         "share, at most half of --max-length (-1: a third of --max-length, at most 128, "
+                         "as the SQuAD recipes' 128 of 384)")
     image_size: int = _f(224, "image side in pixels for image data (resized to a square)")
     augment: str = _f("off", "random augmentation of training images, drawn anew each epoch: "
                       "crop-flip takes a random square crop covering 64 to 100 percent of the "
@@ -80,10 +81,14 @@ class DataConfig:
             raise _bad("eval_samples", self.eval_samples, "use 0 (all) or a positive count")
         if self.augment not in ("off", "crop-flip"):
             raise _bad("augment", self.augment, "choose off or crop-flip")
-        if self.doc_stride < 0:
-            raise _bad("doc_stride", self.doc_stride, "use 0 or a positive token count, e.g. 128")
+        if self.doc_stride < -1:
+            raise _bad("doc_stride", self.doc_stride, "use -1 (auto), 0 or a positive token count, e.g. 128")
         if not 0.0 < self.val_fraction < 0.5:
             raise _bad("val_fraction", self.val_fraction, "use a fraction between 0 and 0.5, e.g. 0.1")
+
+    def window_stride(self, max_length: int) -> int:
+        """--doc-stride, or for -1 the default that fits windows of `max_length` tokens."""
+        return self.doc_stride if self.doc_stride >= 0 else min(128, max_length // 3)
 
 
 @dataclass
@@ -286,7 +291,7 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def validate(self, world: int, facts: RunFacts | None = None) -> None:
+    def validate(self, world: int, facts: RunFacts | None = None, world_flag: str = "nproc") -> None:
         """Every check that needs more than one field: raises ConfigError naming the field,
         the value and the fix. `facts` default to what the model folder and data file say
         (read without torch, in well under a second), so the launcher runs this before any
@@ -302,9 +307,15 @@ class Config:
             raise _bad("stages", p.stages, f"it must divide the number of processes ({world}); "
                        f"valid: {divisors(world)}")
         if stages > facts.num_units:
-            raise _bad("stages" if p.stages else "nproc", p.stages or p.nproc,
-                       f"{m.model!r} has {facts.num_units} units to place on {stages} stages; "
-                       f"use at most {facts.num_units} stages")
+            fits = sorted(k for k in divisors(world) if k <= facts.num_units)
+            if p.stages:
+                raise _bad("stages", p.stages, f"{m.model!r} has {facts.num_units} units to place on {stages} "
+                           f"stages; use one of {fits}")
+            given = (f"--nproc={p.nproc} x --nnodes={p.nnodes}" if world_flag == "nproc" and p.nnodes > 1
+                     else f"--{world_flag}={world}")
+            raise ConfigError(f"{given} without --stages starts one pipeline of "
+                              f"{world} stages, and {m.model!r} has {facts.num_units} units to place; pass "
+                              f"--stages with one of {fits}")
         layouts = [k for k in divisors(world) if k <= stages]  # every layout the run may reach
         start_replicas = world // stages
         for k in layouts:
@@ -339,7 +350,7 @@ class Config:
         if d.augment != "off" and facts.model_modality != "image":
             raise _bad("augment", d.augment, f"augmentation is for image models and {m.model!r} is a "
                        f"{facts.model_modality} model; use --augment off")
-        if facts.task == "qa" and d.doc_stride > m.max_length // 2:
+        if facts.task == "qa" and d.window_stride(m.max_length) > m.max_length // 2:
             raise _bad("doc_stride", d.doc_stride, f"windows of --max-length={m.max_length} tokens need room "
                        f"for the question besides the shared context; use at most {m.max_length // 2}")
         if facts.max_positions is not None and m.max_length > facts.max_positions:

@@ -138,6 +138,20 @@ def tiny_csv(tmp_path_factory) -> Path:
     return make_csv(tmp_path_factory.mktemp("data") / "reviews.csv")
 
 
+def with_flags(base: list[str] | tuple[str, ...], *extra: str) -> list[str]:
+    """`base` flags with those in `extra` replaced by extra's (a flag given twice is refused)."""
+    def groups(tokens):
+        out: list[list[str]] = []
+        for t in tokens:
+            if t.startswith("--") or not out:
+                out.append([t])
+            else:
+                out[-1].append(t)
+        return out
+    given = {g[0].split("=", 1)[0] for g in groups(extra)}
+    return [t for g in groups(base) if g[0].split("=", 1)[0] not in given for t in g] + list(extra)
+
+
 def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """`pipetransformer ...` in a fresh interpreter, one thread per process."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")

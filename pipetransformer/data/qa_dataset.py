@@ -74,12 +74,14 @@ def load_qa_data(cfg: DataConfig, model, max_length: int, seed: int, cache_dir: 
     if cfg.eval_samples:
         val_rows = val_rows[:cfg.eval_samples]
 
+    stride = cfg.window_stride(max_length)
+
     def features(path: str, chosen: list[Example], rows: np.ndarray, scoring: bool) -> QADataset:
         key = cache_key(task="qa", file=str(Path(path).resolve()), **file_stamp(Path(path)),
                         tokenizer=tokenizer_id(tokenizer),
-                        max_length=max_length, doc_stride=cfg.doc_stride, scoring=scoring,
+                        max_length=max_length, doc_stride=stride, scoring=scoring,
                         rows=hashlib.sha256(np.asarray(rows, dtype=np.int64).tobytes()).hexdigest())
-        arrays = cached_arrays(cache_dir, key, lambda: build_features(chosen, tokenizer, max_length, cfg.doc_stride,
+        arrays = cached_arrays(cache_dir, key, lambda: build_features(chosen, tokenizer, max_length, stride,
                                                                   offsets=scoring))
         return QADataset(arrays, chosen)
     train = features(cfg.data, [examples[i] for i in train_rows], train_rows, scoring=False)

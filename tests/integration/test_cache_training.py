@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from pipetransformer.autocache.store import SHM_DIR
 
-from conftest import assert_same_training, run_command
+from conftest import assert_same_training, run_command, with_flags
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +35,8 @@ def _left_behind() -> list:
 
 
 def _run(run_dir, model, data, *extra):
-    out = run_command("train", "--model", str(model), "--data", str(data), "--run-dir", str(run_dir), *ARGS, *extra)
+    out = run_command("train", "--model", str(model), "--data", str(data), "--run-dir", str(run_dir),
+                      *with_flags(ARGS, *extra))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert not (run_dir / "cache").exists() and not _left_behind()
@@ -67,8 +68,8 @@ def test_tiny_host_budget_spills_to_disk_with_the_same_result(tmp_path, tiny_ber
 def test_a_stopped_run_leaves_no_shared_memory(tmp_path, tiny_bert, tiny_csv):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "pipetransformer", "train", "--model", str(tiny_bert),
-                             "--data", str(tiny_csv), "--run-dir", str(tmp_path / "run"), *ARGS,
-                             "--epochs", "400", "--cache", "on", "--cache-host-bytes", "20000"],
+                             "--data", str(tiny_csv), "--run-dir", str(tmp_path / "run"), *with_flags(ARGS,
+                             "--epochs", "400", "--cache", "on", "--cache-host-bytes", "20000")],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     mine = f"pipetransformer-{proc.pid}-*"  # a one-process run names its cache by its pid
 

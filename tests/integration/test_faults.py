@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from pipetransformer.autocache.store import SHM_DIR
 from pipetransformer.stopping import descendants
 
-from conftest import assert_same_training, make_vit_folder, run_cli
+from conftest import assert_same_training, make_vit_folder, run_cli, with_flags
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +38,8 @@ def _spawn(*args: str, new_session: bool = False) -> subprocess.Popen:
 
 
 def _start(run_dir, model, data, *extra) -> subprocess.Popen:
-    return _spawn("train", "--model", str(model), "--data", str(data), "--run-dir", str(run_dir), *COMMON, *extra)
+    return _spawn("train", "--model", str(model), "--data", str(data), "--run-dir", str(run_dir),
+                      *with_flags(COMMON, *extra))
 
 
 def _wait_for(condition, proc, seconds=120, output=None):
@@ -216,7 +217,7 @@ def test_a_signal_stops_a_bench_and_every_process_of_its_run(tmp_path, tiny_bert
 def test_a_killed_worker_restarts_from_the_last_checkpoint_with_the_same_result(tmp_path, tiny_bert, tiny_csv):
     args = ["--epochs", "6", "--nproc", "2", "--cache", "off"]
     ref = run_cli("train", "--model", str(tiny_bert), "--data", str(tiny_csv), "--run-dir", str(tmp_path / "ref"),
-                  *COMMON, *args)
+                  *with_flags(COMMON, *args))
     assert ref.returncode == 0, ref.stderr[-3000:]
     run = tmp_path / "run"
     proc = _start(run, tiny_bert, tiny_csv, *args, "--max-restarts", "1")
@@ -274,7 +275,7 @@ def test_cache_files_of_dead_runs_are_removed_at_start(tmp_path, tiny_bert, tiny
     alive.write_bytes(b"\0" * 64)
     try:
         out = run_cli("train", "--model", str(tiny_bert), "--data", str(tiny_csv), "--run-dir", str(tmp_path / "r"),
-                      *COMMON, "--epochs", "1")
+                      *with_flags(COMMON, "--epochs", "1"))
         assert out.returncode == 0, out.stderr[-3000:]
         assert not orphan.exists() and alive.exists()
     finally:

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import assert_same_training, make_vit_folder, run_command
+from conftest import assert_same_training, make_vit_folder, run_command, with_flags
 
 pytestmark = pytest.mark.integration
 
@@ -60,8 +60,8 @@ def test_vit_trains_on_an_image_folder(tmp_path, tiny_vit):
 def _augmented(run_dir, model, data, *extra):
     out = run_command("train", "--model", str(model), "--data", str(data), "--run-dir", str(run_dir),
                       "--image-size", "16", "--epochs", "3", "--batch-size", "16", "--lr", "2e-3",
-                      "--freeze", "schedule", "--alpha", "0.5", "--dropout", "off", "--augment", "crop-flip",
-                      *extra)
+                      *with_flags(["--freeze", "schedule", "--alpha", "0.5", "--dropout", "off", "--augment",
+                                   "crop-flip"], *extra))
     assert out.returncode == 0, out.stderr[-4000:]
     return out.stdout, [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import assert_same_training, run_command
+from conftest import assert_same_training, run_command, with_flags
 
 pytestmark = pytest.mark.integration
 
@@ -36,8 +36,8 @@ def _two_machines(runs: tuple[Path, Path], model, data, *extra: str) -> list[sub
     """Node 0 and node 1 at once, each with its own run folder argument (the same one or not)."""
     port = _free_port()
     return _together([[sys.executable, "-m", "pipetransformer", "train", "--model", str(model), "--data", str(data),
-                       *COMMON, "--nproc", "1", "--nnodes", "2", "--node-rank", str(rank),
-                       "--rdzv-endpoint", f"localhost:{port}", "--run-dir", str(run), *extra]
+                       *with_flags(COMMON, "--nproc", "1", "--nnodes", "2", "--node-rank", str(rank),
+                                   "--rdzv-endpoint", f"localhost:{port}", "--run-dir", str(run), *extra)]
                       for rank, run in enumerate(runs)])
 
 
@@ -149,9 +149,9 @@ def test_two_machines_given_one_node_rank_stop_with_one_line_each(tmp_path, tiny
     tell): every one stops at the rendezvous with the same line, exit 2, before any worker."""
     port = _free_port()
     nodes = _together([[sys.executable, "-m", "pipetransformer", "train", "--model", str(tiny_bert), "--data",
-                        str(tiny_csv), *COMMON, "--nproc", "1", "--nnodes", "3", "--node-rank", str(rank),
+                        str(tiny_csv), *with_flags(COMMON, "--nproc", "1", "--nnodes", "3", "--node-rank", str(rank),
                         "--batch-size", "30", "--rdzv-endpoint", f"localhost:{port}", "--comm-timeout", "60",
-                        "--run-dir", str(tmp_path / f"run{i}")] for i, rank in enumerate((0, 1, 1))])
+                        "--run-dir", str(tmp_path / f"run{i}"))] for i, rank in enumerate((0, 1, 1))])
     for node in nodes:
         lines = [x for x in node.stderr.splitlines() if x.strip()]
         assert node.returncode == 2 and len(lines) == 1, node.stderr[-3000:]

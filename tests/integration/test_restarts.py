@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 
 from pipetransformer.autocache.store import SHM_DIR
 
-from conftest import assert_same_training, run_cli
+from conftest import assert_same_training, run_cli, with_flags
 
 pytestmark = pytest.mark.integration
 
@@ -130,7 +130,7 @@ def test_a_worker_killed_at_any_moment_is_restarted_with_the_same_result(tmp_pat
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", RESTART_TEST_PAUSE=f"{rank}:{marker}",
                PYTHONPATH=os.pathsep.join([str(hook), *filter(None, [os.environ.get("PYTHONPATH")])]))
     proc = subprocess.Popen([sys.executable, "-m", "pipetransformer", "train", "--model", str(tiny_bert), "--data",
-                             str(tiny_csv), "--run-dir", str(run), *ARGS, "--max-restarts", "1"], env=env,
+                             str(tiny_csv), "--run-dir", str(run), *with_flags(ARGS, "--max-restarts", "1")], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     pids = _Pids(proc)
     try:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_same_training, run_command
+from conftest import assert_same_training, run_command, with_flags
 
 pytestmark = pytest.mark.integration
 
@@ -21,7 +21,8 @@ COMMON = ["--freeze", "schedule", "--alpha", "0.5", "--epochs", "4", "--batch-si
 
 
 def _train(run_dir, model, data, *extra):
-    out = run_command("train", "--model", str(model), "--data", str(data), "--run-dir", str(run_dir), *COMMON, *extra)
+    out = run_command("train", "--model", str(model), "--data", str(data), "--run-dir", str(run_dir),
+                      *with_flags(COMMON, *extra))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     return run_dir
 
@@ -205,7 +206,7 @@ def test_without_checkpoints_a_failed_final_save_says_to_run_again(tmp_path, tin
     run.mkdir()
     (run / ".final-tmp").write_text("in the way")
     common = COMMON[:COMMON.index("--checkpoint-every")]  # its checkpoint flags come last
-    out = run_command("train", "--model", str(tiny_bert), "--data", str(tiny_csv), "--run-dir", str(run), *common,
-                      "--keep-checkpoints", "0", "--epochs", "1")
+    out = run_command("train", "--model", str(tiny_bert), "--data", str(tiny_csv), "--run-dir", str(run),
+                      *with_flags(common, "--keep-checkpoints", "0", "--epochs", "1"))
     assert out.returncode == 1 and "there is no checkpoint to write it from (--keep-checkpoints 0)" in out.stderr
     assert "run it again to start over" in out.stderr and not (run / "checkpoints").exists()

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_same_training, make_model_folder, run_command
+from conftest import assert_same_training, make_model_folder, run_command, with_flags
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +23,7 @@ COMMON = ["--freeze", "schedule", "--alpha", "0.5", "--epochs", "5", "--batch-si
 
 def _train(run_dir, model, data, *extra):
     out = run_command("train", "--model", str(model), "--data", str(data), "--run-dir", str(run_dir),
-                      *COMMON, *extra)
+                      *with_flags(COMMON, *extra))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     weights = load_file(run_dir / "final" / "model.safetensors")

@@ -92,7 +92,8 @@ CASES = [
      ["m.json", "question 'q1': answer 'Paris' is not at character 2", "fix its answer_start"]),
     ("squad-no-answers", lambda t, b, v, c: ["--model", str(b), "--data", _squad(t / "n.json", answers=False)],
      ["n.json", "question 'q1' has no answers", "give it at least one answer"]),
-    ("doc-stride-over-half", lambda t, b, v, c: ["--model", str(b), "--data", _squad(t / "s.json"), "--max-length", "32"],
+    ("doc-stride-over-half", lambda t, b, v, c: ["--model", str(b), "--data", _squad(t / "s.json"), "--max-length", "32",
+                                                   "--doc-stride", "128"],
      ["--doc-stride=128", "use at most 16"]),
     ("model-missing", lambda t, b, v, c: ["--model", str(t / "none")], ["--model=", "config.json"]),
     ("model-config-corrupt", lambda t, b, v, c: ["--model", str(_model_copy(b, t / "m", replace={"config.json": b"{oops"})), "--data", str(c)],
@@ -115,6 +116,12 @@ CASES = [
     ("run-dir-is-a-file", lambda t, b, v, c: ["--model", str(b), "--data", str(c), "--max-length", "16",
                                               "--run-dir", _write(t / "afile", b"x")], ["afile", "cannot be written"]),
     ("stages-not-dividing", lambda t, b, v, c: ["--nproc", "4", "--stages", "3"], ["--stages=3", "must divide"]),
+    ("nproc-over-units", lambda t, b, v, c: ["--model", str(b), "--data", str(c), "--max-length", "16",
+                                             "--nproc", "8", "--batch-size", "8"],
+     ["--nproc=8 without --stages starts one pipeline of 8 stages", "pass --stages with one of [1, 2, 4]"]),
+    ("stages-over-units", lambda t, b, v, c: ["--model", str(b), "--data", str(c), "--max-length", "16",
+                                              "--nproc", "8", "--stages", "8", "--batch-size", "8"],
+     ["--stages=8 is invalid", "use one of [1, 2, 4]"]),
     ("batch-not-divisible", lambda t, b, v, c: ["--nproc", "2", "--batch-size", "33"], ["--batch-size=33", "multiple of 2"]),
     ("node-rank-out-of-range", lambda t, b, v, c: ["--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "n0:29500"],
      ["--node-rank=2", "numbered 0 to 1"]),
@@ -170,6 +177,9 @@ CASES = [
 # argparse's own errors: one line too (SystemExit 2), never its usage text
 FLAG_CASES = [
     ("flag-unknown", ["--epoch", "1"], ["unrecognized arguments: --epoch 1", "--help"]),
+    ("flag-repeated", ["--batch-size", "16", "--batch-size", "8"], ["--batch-size is given twice (16, then 8)",
+                                                                   "give it once"]),
+    ("flag-repeated-switch", ["--compile", "--compile", "off"], ["--compile is given twice (on, then off)"]),
 ]
 
 

@@ -192,6 +192,11 @@ def test_profile_and_plan_check_the_model_before_timing_it(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "--max-length=64" in err and "40 positions" in err, err
     assert not (tmp_path / "p.json").exists()
+    (tmp_path / "p.json").write_text("measured earlier\n")
+    assert main(["profile", "--out", str(tmp_path / "p.json"), "--model", str(model), "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "p.json' exists already; nothing was overwritten" in err, err
+    assert (tmp_path / "p.json").read_text() == "measured earlier\n"
 
 
 def test_cpu_processes_sharing_cores_wait_only_while_more_of_them_compute_than_cores():

@@ -117,6 +117,11 @@ def test_describe_and_validate_a_squad_file(squad):
     with pytest.raises(ConfigError, match="--doc-stride=40 is invalid: .* use at most 32"):
         cfg.validate(1, RunFacts("text", "text", 10, 96, task="qa"))
     cfg.validate(1, RunFacts("text", "text", 10, 96, task="classify"))  # the stride is for QA only
+    # the default stride follows the window: a third of it, at most 128 (SQuAD's 128 of 384)
+    auto = Config(model=ModelConfig(max_length=64), data=DataConfig(data=str(squad)))
+    auto.validate(1, RunFacts("text", "text", 10, 96, task="qa"))
+    assert [DataConfig().window_stride(n) for n in (32, 64, 384, 512)] == [10, 21, 128, 128]
+    assert DataConfig(doc_stride=0).window_stride(64) == 0
 
 
 def test_a_squad_dev_file_validates_a_squad_run_and_nothing_else(squad, tmp_path):
