@@ -27,18 +27,20 @@ from .autofreeze import FreezeState
 from .autopipe import next_stage_count
 from .config import Config, RunFacts, apply_overrides
 from .data.augment import crop_flip
-from .data.dataset import Dataset, load_data
+from .data.dataset import Dataset
+from .data.load import load_data
 from .data.loader import StepLoader, loader_workers
 from .data.sampler import BatchSampler
 from .data.sources import describe_data
 from .freeze_stats import BlockMeter, decide_across_world
+from .layouts import PlanInputs, TransitionPlan, next_plan, plan
 from .models.base import StagedModel
 from .models.loading import load_model
 from .qa_eval import SpanScorer
 from .recorder import Recorder
 from .runtime import RuntimeEnv, build_runtime, clip_grad_norm, profile_on_rank0, unit_costs
 from .stopping import raise_if_stopping
-from .transition import PlanInputs, TransitionPlan, apply, gather_weights, next_plan, plan
+from .transition import apply, gather_weights
 
 __all__ = ["Trainer", "fine_tune", "lr_factor"]
 

@@ -2,7 +2,7 @@
 
 `simulate(profile, hardware, config, samples)` replays a run epoch by epoch with the trainer's
 own pure rules: AutoFreeze's `decide` (or a given trace of frozen blocks), AutoPipe's
-`transition.next_plan` for stages, bounds and replicas, AutoCache's policy for the cache,
+`layouts.next_plan` for stages, bounds and replicas, AutoCache's policy for the cache,
 and prices each epoch from a per-unit profile measured on one device (`costs.Profile`, written
 by `pipetransformer profile`) and a description of the target devices (`costs.Hardware`). `predict`
 adds the two baselines: a1, the run's starting pipeline kept fixed without freezing (GPipe),
@@ -45,7 +45,7 @@ from .autofreeze import FreezePolicy, FreezeState, decide
 from .config import Config, apply_overrides
 from .costs import GB, Hardware, Profile, UnitProfile
 from .errors import ConfigError
-from .transition import PlanInputs, TransitionPlan, next_plan, plan
+from .layouts import PlanInputs, TransitionPlan, next_plan, plan
 
 __all__ = ["EpochPlan", "Prediction", "assumed_trace", "simulate", "predict", "format_prediction"]
 

@@ -23,7 +23,7 @@ from .timing import best_seconds
 if TYPE_CHECKING:  # transition.apply builds runtimes: the import runs the other way
     from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
 
-    from .transition import TransitionPlan
+    from .layouts import TransitionPlan
 
 __all__ = ["LocalStep", "Runtime", "RuntimeEnv", "UnitSequence", "build_runtime", "clip_grad_norm",
            "profile_units", "profile_on_rank0", "span_loss", "unit_costs"]

@@ -1,91 +1,26 @@
 """The ONE place that applies a freeze decision or a layout change.
 
-`plan(...)` is pure: from the run's fixed facts (`PlanInputs`), a frozen count and a stage
-count it returns a `TransitionPlan` (layout, stage bounds, owners, micro-batches), which
-unit tests and a planner can call without devices. `next_plan` adds AutoPipe's rule for
-the stage count after a freeze.
-
-`apply(...)` carries a plan out on every process: each unit that was trainable is broadcast
-from the process that trained it (with its Adam moments when it stays active), so whoever
-owns it next starts from the current weights; then the stage modules, the optimizer and the
-schedule are rebuilt and the cache is brought to the new frozen count. Frozen units never
-change after the broadcast that froze them, and every process already holds them.
+`layouts.plan(...)` (pure) says what the next layout is; `apply(...)` carries it out on every
+process: each unit that was trainable is broadcast from the process that trained it (with
+its Adam moments when it stays active), so whoever owns it next starts from the current
+weights; then the stage modules, the optimizer and the schedule are rebuilt and the cache is
+brought to the new frozen count. Frozen units never change after the broadcast that froze
+them, and every process already holds them.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
-from .autodp import Layout, replica_batch
-from .autopipe import UnitCost, balance, balance_costs, choose_microbatches, layout_memory, next_stage_count
-
 if TYPE_CHECKING:
     from .autocache import AutoCache
+    from .layouts import TransitionPlan
     from .runtime import Runtime, RuntimeEnv
 
-__all__ = ["PlanInputs", "TransitionPlan", "plan", "next_plan", "apply", "gather_weights"]
-
-
-@dataclass(frozen=True)
-class PlanInputs:
-    """The run's fixed facts that every plan depends on."""
-    units: tuple[UnitCost, ...]
-    world: int
-    start_stages: int
-    elastic: bool = True
-    global_batch: int = 32
-    batch_policy: str = "constant"
-    micro_batches: int = 0  # 0: automatic (autopipe.choose_microbatches)
-
-    @property
-    def start(self) -> Layout:
-        return Layout(self.world, self.start_stages)
-
-    @cached_property
-    def budget(self) -> float:
-        """The compression budget: the fullest stage's memory in the starting layout."""
-        return layout_memory(self.units, 0, self.start_stages)
-
-
-@dataclass(frozen=True)
-class TransitionPlan:
-    frozen: int                      # blocks 0..frozen-1 frozen
-    layout: Layout
-    bounds: tuple[int, ...]          # stage s runs active units bounds[s]..bounds[s+1]-1
-    stage_costs: tuple[float, ...]
-    owners: dict[str, int]           # unit name -> rank holding its authoritative copy
-    micro_batches: int
-    replica_batch: int
-
-    def units_per_stage(self) -> str:
-        return "+".join(str(b - a) for a, b in zip(self.bounds, self.bounds[1:]))
-
-
-def plan(inputs: PlanInputs, frozen: int, stages: int) -> TransitionPlan:
-    """`frozen` blocks frozen, the active units balanced over `stages` stages."""
-    layout = Layout(inputs.world, stages)
-    active, frozen_cost = balance_costs(inputs.units, frozen)
-    split = balance(active, stages, frozen_cost=frozen_cost)
-    active_names = [u.name for u in inputs.units if u.freeze_index >= frozen]
-    owners = {u.name: layout.rank(0, 0) for u in inputs.units if u.freeze_index < frozen}
-    for s in range(stages):
-        for name in active_names[split.bounds[s]:split.bounds[s + 1]]:
-            owners[name] = layout.rank(0, s)
-    batch = replica_batch(inputs.global_batch, layout, inputs.batch_policy, inputs.start)
-    m = inputs.micro_batches or choose_microbatches(stages, batch)
-    return TransitionPlan(frozen, layout, split.bounds, split.stage_costs, owners, m, batch)
-
-
-def next_plan(inputs: PlanInputs, current: TransitionPlan, frozen: int) -> TransitionPlan:
-    """The plan after freezing to `frozen`: AutoPipe's stage count, then a fresh balance."""
-    stages = next_stage_count(inputs.units, frozen, current.layout.stages, inputs.world,
-                              inputs.budget, inputs.elastic)
-    return plan(inputs, frozen, stages)
+__all__ = ["apply", "gather_weights"]
 
 
 def apply(new: TransitionPlan, old: Runtime, env: RuntimeEnv, cache: AutoCache | None,

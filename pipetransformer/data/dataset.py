@@ -25,9 +25,9 @@ from ..config import DataConfig
 from ..errors import ConfigError
 from .sources import (
     BUILTIN,
+    DataFacts,
     arrow_table,
     data_kind,
-    describe_data,
     describe_validation,
     encoded_bytes,
     image_column,
@@ -42,7 +42,7 @@ from .sources import (
 )
 from .store import cache_key, cached_arrays, file_stamp
 
-__all__ = ["Dataset", "TextData", "ImageData", "length_mask", "load_data", "pixel_values"]
+__all__ = ["Dataset", "TextData", "ImageData", "length_mask", "load_classification_data", "pixel_values"]
 
 
 class Dataset(abc.ABC):
@@ -286,21 +286,10 @@ def _opener(data: str, model, max_length: int, image_size: int, cache_dir: Path)
     return lambda facts, rows: ImageData(read, rows, facts.labels[rows], facts.label_names, image_size, mean, std)
 
 
-def load_data(cfg: DataConfig, model, max_length: int, seed: int, cache_dir: Path) -> tuple[Dataset, Dataset]:
-    """(train, validation) for `model`'s modality: the seeded split of --data, or all of --data
-    and the --val-data file; each cut to the sample limits. Tokenised text goes to `cache_dir`."""
-    facts = describe_data(cfg.data)
-    if facts.modality != model.modality:
-        raise ConfigError(f"--data={cfg.data!r} is invalid: this is {facts.modality} data but the model is a "
-                          f"{model.modality} model; pass data of its kind")
-    if model.modality == "text" and model.processor is None:
-        raise ConfigError("--model: the model folder has no tokenizer; save one beside it")
-    if len(facts.label_names) > model.num_labels:
-        raise ConfigError(f"--data={cfg.data!r} has {len(facts.label_names)} classes but the model head has "
-                          f"{model.num_labels}")
-    if facts.task == "qa":
-        from .qa_dataset import load_qa_data  # it builds on Dataset: imported here, not at the top
-        return load_qa_data(cfg, model, max_length, seed, cache_dir)
+def load_classification_data(cfg: DataConfig, facts: DataFacts, model, max_length: int, seed: int,
+                             cache_dir: Path) -> tuple[Dataset, Dataset]:
+    """(train, validation) of a classification --data (described by `facts`): its seeded,
+    stratified split, or all of it and the --val-data file; each cut to the sample limits."""
     val_facts = describe_validation(facts, cfg.val_data) if cfg.val_data else None
     if val_facts is None:
         train_rows, val_rows = stratified_split(facts.labels, cfg.val_fraction, seed)

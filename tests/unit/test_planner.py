@@ -14,10 +14,10 @@ from pipetransformer.cli import main
 from pipetransformer.config import Config, apply_overrides
 from pipetransformer.costs import Hardware, Profile, UnitProfile, read_profile, write_profile
 from pipetransformer.errors import ConfigError
+from pipetransformer.layouts import PlanInputs, next_plan, plan
 from pipetransformer.models.loading import wrap_model
 from pipetransformer.planner import _linear, assumed_trace, predict, simulate
 from pipetransformer.profiling import measure_profile
-from pipetransformer.transition import PlanInputs, next_plan, plan
 
 from conftest import make_csv, make_model_folder
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from pipetransformer.config import DataConfig
-from pipetransformer.data.dataset import ImageData, TextData, load_data, pixel_values
+from pipetransformer.data.dataset import ImageData, TextData, pixel_values
+from pipetransformer.data.load import load_data
 from pipetransformer.data.loader import StepLoader, loader_workers
 from pipetransformer.data.sources import describe_data, describe_validation, iter_texts, run_sizes
 from pipetransformer.errors import ConfigError

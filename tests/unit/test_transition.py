@@ -9,9 +9,9 @@ import transformers
 from pipetransformer.autodp import Layout
 from pipetransformer.autopipe import UnitCost, memory_costs, stage_memory
 from pipetransformer.engine import lr_factor
+from pipetransformer.layouts import PlanInputs, next_plan, plan
 from pipetransformer.models.loading import wrap_model
 from pipetransformer.runtime import profile_units, unit_costs
-from pipetransformer.transition import PlanInputs, next_plan, plan
 
 
 def _units(blocks: int, seconds=None) -> tuple[UnitCost, ...]:
