@@ -83,13 +83,15 @@ class Recorder:
                                f"checkpoint is {latest(self.run_dir)}; once the cause is fixed, write "
                                f"final/ from it with: pipetransformer export {self.run_dir}") from e
         plot_metrics(records, self.run_dir / "metrics.png")
+        timeline = plot_freeze_timeline(records, self.run_dir / "freeze-timeline.png")
         metric = primary_metric(records[-1])
         summary = {**{k: records[-1][k] for k in SCORES if k in records[-1]}, "total_seconds": seconds,
                    "epochs": len(records), "final_frozen_layers": records[-1]["frozen_after"],
                    "final_layout": f"{layout}"}
         write_atomically(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         self.log(f"done in {seconds:.1f} s: {metric} {summary[metric]:.4f}; wrote "
-                 f"{self.run_dir}/metrics.jsonl, metrics.png and final/ (Hugging Face format)")
+                 f"{self.run_dir}/metrics.jsonl, metrics.png{', freeze-timeline.png' if timeline else ''} "
+                 f"and final/ (Hugging Face format)")
 
 
 def refuse_used_run_dir(run_dir: Path) -> None:
@@ -161,3 +163,52 @@ def plot_metrics(records: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_freeze_timeline(records: list[dict], path: Path) -> bool:
+    """Blocks x decisions: each cell coloured by the decision's per-block statistic (scaled to
+    the largest active block's; grey: frozen before it), the frozen boundary after each
+    decision, the alpha cap, and the layout the next epoch ran. False (nothing drawn) for a
+    run without decisions."""
+    decisions = [(r["epoch"], r["decision"], r) for r in records if "decision" in r]
+    if not decisions:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    blocks = records[0]["total_layers"]
+    grid = np.full((blocks, len(decisions)), np.nan)
+    for j, (_, d, r) in enumerate(decisions):
+        before = r["frozen_layers"]
+        values = d.get("values")
+        if values:
+            active = np.asarray(values[before:], dtype=float)
+            top = float(np.nanmax(np.abs(active))) if active.size else 0.0
+            grid[before:, j] = np.abs(active) / top if top > 0 else 0.0
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.0 + 0.9 * len(decisions)), 1.2 + 0.45 * blocks))
+    cmap = plt.get_cmap("viridis").with_extremes(bad="0.85")
+    image = ax.imshow(grid, origin="lower", aspect="auto", cmap=cmap, vmin=0, vmax=1,
+                      extent=(-0.5, len(decisions) - 0.5, -0.5, blocks - 0.5))
+    x = np.arange(len(decisions))
+    ax.step(x, [d["frozen"] - 0.5 for _, d, _ in decisions], "r-", where="mid", lw=2,
+            label="frozen boundary after the decision")
+    if any("cap" in d for _, d, _ in decisions):
+        ax.step(x, [d.get("cap", d["frozen"]) - 0.5 for _, d, _ in decisions], color="orange", ls="--",
+                where="mid", lw=1.5, label="alpha cap")
+    by_epoch = {r["epoch"]: r for r in records}
+    layouts = [f"\n{n['stages']}x{n['replicas']}" if (n := by_epoch.get(e + 1)) else "" for e, _, _ in decisions]
+    ax.set_xticks(x, [f"after {e}{shown}" for (e, _, _), shown in zip(decisions, layouts)])
+    ax.set(xlabel="decision (after epoch; then the layout, stages x replicas)", ylabel="block",
+           yticks=range(blocks))
+    stat = next((d["statistic"] for _, d, _ in decisions if "statistic" in d), None)
+    policy = next((d["policy"] for _, d, _ in decisions if "policy" in d), None)
+    label = f"{stat} / largest active (policy {policy})" if stat else "no statistic (freeze by schedule)"
+    fig.colorbar(image, ax=ax, label=label)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=7, frameon=False)
+    ax.set_title("freeze timeline (grey: frozen before the decision)", fontsize=9, pad=18)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

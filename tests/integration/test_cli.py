@@ -26,6 +26,7 @@ def test_tiny_run_writes_metrics_plot_and_a_loadable_model(tmp_path, tiny_bert, 
     assert len(records) == 3 and REQUIRED_FIELDS <= set(records[0])
     assert [r["frozen_layers"] for r in records] == [0, 4, 6]
     assert (run / "metrics.png").stat().st_size > 10_000
+    assert (run / "freeze-timeline.png").stat().st_size > 10_000 and "freeze-timeline.png" in out.stdout + out.stderr
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(run / "final")
     model = AutoModelForSequenceClassification.from_pretrained(run / "final").eval()
