@@ -22,7 +22,7 @@ from torch import nn
 
 from . import checkpoint, distributed
 from .autocache import AutoCache
-from .autodp import Topology, average_gradients, dropout_seed, lr_scale, ramped, replica_rows
+from .autodp import Layout, Topology, average_gradients, dropout_seed, lr_scale, ramped, replica_rows
 from .autofreeze import FreezeState
 from .autopipe import next_stage_count
 from .config import Config, RunFacts, apply_overrides
@@ -36,7 +36,7 @@ from .freeze_stats import BlockMeter, decide_across_world
 from .layouts import PlanInputs, TransitionPlan, next_plan, plan
 from .models.base import StagedModel
 from .models.loading import load_model
-from .qa_eval import SpanScorer
+from .passes import Passes
 from .recorder import Recorder
 from .runtime import RuntimeEnv, build_runtime, clip_grad_norm, profile_on_rank0, unit_costs
 from .stopping import raise_if_stopping
@@ -50,6 +50,29 @@ def lr_factor(progress: float, warmup_ratio: float) -> float:
     if progress < warmup_ratio:
         return progress / warmup_ratio
     return max(0.0, (1 - progress) / (1 - warmup_ratio))
+
+
+@dataclasses.dataclass
+class LRSchedule:
+    """The learning rate at a point of the run: lr_factor's warm-up and decay over every
+    sample, times the batch policy's factor in the layout (autodp.lr_scale), reached over
+    --lr-ramp-steps steps from where it stood at the last change (autodp.ramped)."""
+    cfg: Config
+    start: Layout
+    total_samples: int
+    ramp: tuple[float, int] = (1.0, 0)  # the scale a ramp starts from, and samples seen then
+
+    def scale(self, plan: TransitionPlan, samples_seen: int) -> float:
+        pc, layout = self.cfg.parallel, plan.layout
+        target = lr_scale(layout, pc.batch_policy, self.start, pc.lr_scaling)
+        start, since = self.ramp
+        steps = (samples_seen - since) // (plan.replica_batch * layout.replicas)
+        return ramped(start, target, steps, pc.lr_ramp_steps)
+
+    def at(self, plan: TransitionPlan, samples_seen: int) -> float:
+        t = self.cfg.train
+        progress = samples_seen / max(1, self.total_samples)
+        return t.lr * lr_factor(progress, t.warmup_ratio) * self.scale(plan, samples_seen)
 
 
 class Trainer:
@@ -70,8 +93,6 @@ class Trainer:
         self.model = model
         if not cfg.train.dropout:
             _disable_dropout(model.hf_model)
-        self.train_data: Dataset
-        self.val_data: Dataset
         data_cache = Path(cfg.run_dir) / "data-cache"
         self.train_data, self.val_data = data or load_data(cfg.data, model, cfg.model.max_length, cfg.train.seed,
                                                            data_cache)
@@ -99,9 +120,9 @@ class Trainer:
                               t.lr, t.weight_decay, pc.schedule, t.dropout, pc.compile)
         self.cache = AutoCache(cfg.cache, cfg.data.augment, model, self.train_data, self.device,
                                self.recorder.run_dir, t.batch_size, self.recorder.log)
+        self.passes = Passes(model, self.cache, self.device, self.comm_device, self.loader, t.dropout)
         self.samples_seen, self.records = 0, list[dict]()
-        self.lr_ramp = (1.0, 0)  # (the LR scale a ramp starts from, samples seen then): _lr
-        self.total_samples = t.epochs * self.sampler.steps(t.batch_size) * t.batch_size
+        self.lr = LRSchedule(cfg, self.plans.start, t.epochs * self.sampler.steps(t.batch_size) * t.batch_size)
         self.fingerprint = checkpoint.fingerprint(cfg, self.train_data.label_names, model.num_blocks, model.task,
                                                   data_cache)
         self.epoch, self.first_step, self.partial = 0, 0, dict[str, list]()
@@ -129,7 +150,7 @@ class Trainer:
             p.units, frozen, p.start_stages, self.world, p.budget, p.elastic)
         self.rt = build_runtime(plan(p, frozen, stages), self.env, {})
         checkpoint.restore(path, self.model, self.rt, self.meter, snap.world == self.world)
-        self.samples_seen, self.records, self.lr_ramp = snap.samples_seen, snap.records, snap.lr_ramp
+        self.samples_seen, self.records, self.lr.ramp = snap.samples_seen, snap.records, snap.lr_ramp
         self.epoch, self.first_step, self.partial = snap.epoch, snap.step, snap.partial
         self.cache.on_freeze(0, frozen, self.rt)
         self.recorder.log(f"resumed from {path} (epoch {snap.epoch + 1}, step {snap.step}) on "
@@ -141,7 +162,7 @@ class Trainer:
             return
         snap = checkpoint.Snapshot(epoch, step, self.samples_seen, self.freeze.state_dict(), self.records,
                                    partial or {}, self.world, self.rt.layout.stages, self.fingerprint,
-                                   self.lr_ramp)
+                                   self.lr.ramp)
         tensors = checkpoint.owned_tensors(self.model, self.rt, self.meter)
         checkpoint.save(self.recorder.run_dir, tensors, snap, self.cfg.checkpoint.keep_checkpoints)
 
@@ -188,36 +209,19 @@ class Trainer:
         return self.records
 
     def _transition(self, new: TransitionPlan) -> dict[str, float]:
-        scale = self._lr_scale()
+        scale = self.lr.scale(self.rt.plan, self.samples_seen)
         self.rt, seconds = apply(new, self.rt, self.env, self.cache, has_state=self.samples_seen > 0)
-        if self._lr_scale() != scale:  # per-replica: the LR ramps from where it stood to the new scale
-            self.lr_ramp = (scale, self.samples_seen)
+        if self.lr.scale(self.rt.plan, self.samples_seen) != scale:  # per-replica: ramp from where it stood
+            self.lr.ramp = (scale, self.samples_seen)
         compiled = self._warm_up()
         return {**seconds, "compile_seconds": compiled,
                 "transition_seconds": seconds["transition_seconds"] + compiled}
 
     def _warm_up(self) -> float:
-        """With --compile: compile the new runtime now, by one training and one evaluation pass
-        on real rows whose results are thrown away (RNG restored, gradients cleared), so the
-        compile time is measured here and not hidden in the next epoch. Seconds spent."""
+        """With --compile: compile the new runtime now (Passes.warm_up); seconds spent."""
         if not self.cfg.parallel.compile:
             return 0.0
-        start, rt = time.perf_counter(), self.rt
-        rows = replica_rows(torch.arange(len(self.train_data)), 0, rt.plan.replica_batch * rt.layout.replicas,
-                            rt.replica, rt.layout.replicas)
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            self._run_schedule(self.train_data.batch(rows, self.device), train=True)
-            for _, p in rt.params:
-                p.grad = None
-            rt.module.eval()
-            with torch.no_grad():
-                self._run_schedule(self.val_data.batch(rows % len(self.val_data), self.device), train=False)
-            rt.module.train(self.cfg.train.dropout)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        self.recorder.log(f"compiled layout {rt.layout} with {rt.frozen} frozen blocks in {seconds:.1f} s")
-        return seconds
+        return self.passes.warm_up(self.rt, self.train_data, self.val_data, self.recorder.log)
 
     def freeze_to(self, frozen: int) -> float:
         """Freeze by hand (benchmarks) along AutoFreeze's path; the transition's seconds."""
@@ -249,12 +253,13 @@ class Trainer:
                 raise_if_stopping()
                 if prefetch and step + 1 < steps:  # read the next batch's entries during this step
                     self.cache.prefetch(step_rows[step + 1])
-                losses.append(self._train_step(self._augment(batch, rows, epoch)))
+                losses.append(self._train_step(_augment(batch, rows, epoch, self.cfg, len(self.train_data))))
                 self.samples_seen += batch_size
                 if bar is not None:
                     bar.update(1)
                     if rt.is_last and (step % 10 == 0 or step + 1 == steps):  # reading the loss syncs
-                        bar.set_postfix(loss=f"{float(losses[-1]):.4f}", lr=f"{self._lr():.2e}")
+                        lr = self.lr.at(rt.plan, self.samples_seen)
+                        bar.set_postfix(loss=f"{float(losses[-1]):.4f}", lr=f"{lr:.2e}")
                 if every and (step + 1) % every == 0 and step + 1 < steps:
                     so_far = self._epoch_stats(done, losses, start, layout.replicas)
                     _refuse_non_finite(so_far["step_losses"], epoch, steps)  # never checkpoint NaN weights
@@ -285,20 +290,14 @@ class Trainer:
                 "seconds": done.get("seconds", 0.0) + time.perf_counter() - start,
                 "cache_hits": done.get("cache_hits", 0) + int(hits[0])}
 
-    def _augment(self, batch: dict, rows: torch.Tensor, epoch: int) -> dict:
-        if self.cfg.data.augment == "crop-flip":  # on the device, drawn by (seed, epoch, row)
-            batch["pixel_values"] = crop_flip(batch["pixel_values"], rows, len(self.train_data), epoch,
-                                              self.cfg.train.seed)
-        return batch
-
     def _train_step(self, batch: dict) -> torch.Tensor:
         """One optimizer step; the mean loss as a tensor (reading it would wait for the device)."""
         rt = self.rt
         if self.cfg.train.dropout:  # this process's own stream, replayed by a resume from the position
             torch.manual_seed(dropout_seed(self.cfg.train.seed, self.samples_seen, self.rank))
-        _, losses = self._run_schedule(batch, train=True)
+        _, losses = self.passes.run(rt, batch, train=True)
         average_gradients([p for _, p in rt.params], rt.layout, rt.replica_group)  # sync point
-        lr = self._lr()
+        lr = self.lr.at(rt.plan, self.samples_seen)
         if self.cfg.freeze.freeze == "adaptive":  # only the adaptive mode measures; before clipping
             self.meter.accumulate(rt.meter_params)
             if self.meter.statistic == "update":  # the interval's LRs and steps: the drift's scale
@@ -312,75 +311,20 @@ class Trainer:
             rt.optimizer.zero_grad(set_to_none=True)
         return torch.stack(losses).detach().mean() if losses else torch.zeros(())
 
-    def _lr(self) -> float:
-        t = self.cfg.train
-        return t.lr * lr_factor(self.samples_seen / max(1, self.total_samples), t.warmup_ratio) * self._lr_scale()
-
-    def _lr_scale(self) -> float:
-        """The batch policy's LR factor in this layout, reached over --lr-ramp-steps steps from
-        where it stood at the last change (autodp.lr_scale, autodp.ramped)."""
-        pc, layout = self.cfg.parallel, self.rt.layout
-        target = lr_scale(layout, pc.batch_policy, self.plans.start, pc.lr_scaling)
-        start, since = self.lr_ramp
-        steps = (self.samples_seen - since) // (self.rt.plan.replica_batch * layout.replicas)
-        return ramped(start, target, steps, pc.lr_ramp_steps)
-
-    def _run_schedule(self, batch: dict, train: bool):
-        rt, losses = self.rt, list[torch.Tensor]()
-        args = self._stage_inputs(batch, train) if rt.is_first else ()
-        kwargs = {}
-        if rt.is_last:  # the schedule computes the loss on the last stage, eval included
-            kwargs = {"target": batch["labels"].to(self.device, non_blocking=True), "losses": losses}
-        out = (rt.schedule.step if train else rt.schedule.eval)(*args, **kwargs)
-        return out, losses
-
-    def _stage_inputs(self, batch: dict, train: bool) -> tuple:
-        """Stage-0 inputs: raw model inputs, or the frozen prefix's output (cached in training)."""
-        if train and self.cache.active(self.rt):
-            return self.cache.inputs(batch, self.rt)
-        inputs = tuple(x.to(self.device, non_blocking=True) for x in self.model.inputs(batch))
-        if self.rt.prefix is not None:
-            with torch.no_grad():
-                inputs = self.rt.prefix(*inputs)
-        return inputs
-
-    @torch.no_grad()
     def evaluate(self) -> dict:
         """Loss and accuracy (question answering: exact match and F1) over the whole validation
         set, in the current layout."""
-        rt, layout = self.rt, self.rt.layout
-        batch_size = rt.plan.replica_batch * layout.replicas
-        n = len(self.val_data)
-        steps = math.ceil(n / batch_size)
-        order = torch.arange(steps * batch_size) % n  # pad the tail with repeats, ignored below
-        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
-        spans = SpanScorer(self.val_data) if self.model.task == "qa" else None
-        rt.module.eval()
-        step_rows = [replica_rows(order, step, batch_size, rt.replica, layout.replicas) for step in range(steps)]
-        try:
-            for step, (rows, batch) in enumerate(self.loader(self.val_data, step_rows)):
-                raise_if_stopping()
-                out, _ = self._run_schedule(batch, train=False)
-                if rt.is_last:
-                    pos = step * batch_size + rt.replica * len(rows) + torch.arange(len(rows))
-                    keep = pos < n
-                    if spans is not None:
-                        spans.add(rows[keep], out.float().cpu()[keep], batch["labels"][keep])
-                        continue
-                    logits, labels = out.float().cpu()[keep], batch["labels"][keep]
-                    totals += torch.tensor([
-                        float(nn.functional.cross_entropy(logits, labels, reduction="sum")),
-                        float((logits.argmax(-1) == labels).sum()), float(keep.sum())], dtype=torch.float64)
-        finally:
-            rt.module.train(self.cfg.train.dropout)
-        if spans is not None:
-            return spans.result(self.comm_device)
-        totals = distributed.sum_over_world(totals, self.comm_device)
-        return {"val_loss": float(totals[0] / totals[2]), "val_accuracy": float(totals[1] / totals[2])}
+        return self.passes.evaluate(self.rt, self.val_data)
 
     def close(self) -> None:
         self.cache.close()
         self.env.topo.destroy()
+
+
+def _augment(batch: dict, rows: torch.Tensor, epoch: int, cfg: Config, samples: int) -> dict:
+    if cfg.data.augment == "crop-flip":  # on the device, drawn by (seed, epoch, row)
+        batch["pixel_values"] = crop_flip(batch["pixel_values"], rows, samples, epoch, cfg.train.seed)
+    return batch
 
 
 def _refuse_non_finite(step_losses: list[float], epoch: int, steps: int) -> None:
