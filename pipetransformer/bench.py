@@ -25,6 +25,7 @@ import yaml
 
 from .config import Config, apply_overrides
 from .errors import ConfigError
+from .planner import simulate
 from .recorder import primary_metric, write_atomically
 from .stopping import die_with_parent, end_children
 
@@ -364,7 +365,6 @@ def run_bench(base: Config, rows: Sequence[str], seeds: int, out: Path, profile_
             loads[name].append(load)
     summary = summarize(runs, totals)
     hardware = local_hardware(profile, nproc)
-    from .planner import simulate  # loads torch (through transition): only now
 
     def planned(cfg: Config, traces: list[list[int]]) -> list[float]:
         """Mean over seeds of the plan given the frozen blocks each run measured, so plan

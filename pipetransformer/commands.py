@@ -17,6 +17,7 @@ from pathlib import Path
 from .bench import DEFAULT_ROWS, PRESETS, VARIANTS
 from .config import Config, ConfigError, apply_overrides, config_fields, describe_run, parse_on_off, read_yaml
 from .costs import Hardware
+from .planner import format_prediction, predict
 from .stopping import restore_signals, stop_on_signals, stopping_signal
 
 __all__ = ["COMMANDS", "Parser", "build_parser", "main", "command_parser", "add_config_flags", "flag_values",
@@ -195,7 +196,6 @@ def _plan(args) -> int:
         profile = measure(cfg)
     cfg.validate(hardware.devices, RunFacts(profile.modality, profile.modality, len(profile.units), samples),
                  world_flag="devices")
-    from .planner import format_prediction, predict  # loads torch (through transition): only now
     prediction = predict(profile, hardware, cfg, samples, trace, args.choose_micro_batches)
     if args.json:
         print(json.dumps(prediction.to_dict()))

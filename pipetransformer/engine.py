@@ -21,8 +21,9 @@ import torch.distributed as dist
 from torch import nn
 
 from . import checkpoint, distributed
-from .autocache import AutoCache
-from .autodp import Layout, Topology, average_gradients, dropout_seed, lr_scale, ramped, replica_rows
+from .autocache.cache import AutoCache
+from .autodp import Layout, dropout_seed, lr_scale, ramped, replica_rows
+from .autodp.groups import Topology, average_gradients
 from .autofreeze import FreezeState
 from .autopipe import next_stage_count
 from .config import Config, RunFacts, apply_overrides

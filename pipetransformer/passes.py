@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .autocache import AutoCache
+from .autocache.cache import AutoCache
 from .autodp import replica_rows
 from .data.dataset import Dataset
 from .data.loader import StepLoader

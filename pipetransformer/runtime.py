@@ -14,7 +14,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .autodp import Layout, Topology
+from .autodp import Layout
+from .autodp.groups import Topology
 from .autopipe import UnitCost
 from .freeze_stats import meter_shard
 from .models.base import StagedModel, Unit

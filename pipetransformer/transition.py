@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 if TYPE_CHECKING:
-    from .autocache import AutoCache
+    from .autocache.cache import AutoCache
     from .layouts import TransitionPlan
     from .runtime import Runtime, RuntimeEnv
 

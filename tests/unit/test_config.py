@@ -152,3 +152,20 @@ def test_npz_without_labels_is_named_before_any_worker(tmp_path, capsys):
     np.savez(tmp_path / "bad.npz", images=np.zeros((4, 8, 8)))
     assert main(["train", "--data", str(tmp_path / "bad.npz"), "--run-dir", str(tmp_path / "r")]) == 2
     assert "arrays named x" in capsys.readouterr().err
+
+
+def test_the_command_line_and_the_planning_side_load_no_torch(tmp_path):
+    """The launcher refuses bad input within a second: importing the command line, the pure
+    planning modules and running a pre-start check leave torch unloaded."""
+    import subprocess
+    import sys
+    code = ("import sys\n"
+            "import pipetransformer.planner, pipetransformer.layouts, pipetransformer.autodp\n"
+            "import pipetransformer.autofreeze, pipetransformer.autocache.policy\n"
+            "from pipetransformer.cli import main\n"
+            f"assert main(['train', '--epochs', '0', '--run-dir', {str(tmp_path / 'run')!r}]) == 2\n"
+            f"assert main(['plan', '--epochs', '0']) == 2\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout

@@ -8,19 +8,18 @@ per transition leaks descriptors.
 
 When freed devices become replicas, the global batch is sliced over them (`replica_rows`),
 their active gradients are averaged (`average_gradients`), and the batch policy says what
-each replica's batch and the learning rate become (`replica_batch`, `lr_scale`).
+each replica's batch and the learning rate become (`replica_batch`, `lr_scale`). The
+process groups and the gradient average, which need torch, are in `autodp.groups`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:  # the layout and batch rules are pure: the planner and launcher load no torch
+    import torch
 
-from .autopipe import divisors
-
-__all__ = ["Layout", "Topology", "replica_batch", "lr_scale", "ramped", "replica_rows",
-           "average_gradients", "dropout_seed"]
+__all__ = ["Layout", "replica_batch", "lr_scale", "ramped", "replica_rows", "dropout_seed"]
 
 
 @dataclass(frozen=True)
@@ -52,43 +51,6 @@ class Layout:
 
     def __str__(self) -> str:
         return f"{self.stages} stage{'s' * (self.stages > 1)} x {self.replicas} replica{'s' * (self.replicas > 1)}"
-
-
-class Topology:
-    """Process groups for all layouts of `world` processes; this rank's view of each."""
-
-    def __init__(self, world: int, rank: int):
-        self.world, self.rank = world, rank
-        self._pipeline: dict[int, dist.ProcessGroup | None] = {}  # stages -> this rank's pipeline group
-        self._replicas: dict[int, dist.ProcessGroup | None] = {}  # stages -> its data-parallel group
-        for k in divisors(world):
-            layout = Layout(world, k)
-            for p in range(layout.replicas):
-                g = self._group(layout.pipeline_ranks(p))
-                if layout.replica_of(rank) == p:
-                    self._pipeline[k] = g
-            for s in range(k):
-                g = self._group(layout.stage_ranks(s))
-                if layout.stage_of(rank) == s:
-                    self._replicas[k] = g
-
-    def _group(self, ranks: list[int]) -> dist.ProcessGroup | None:
-        if len(ranks) == self.world:
-            return dist.group.WORLD
-        return dist.new_group(ranks)  # every rank calls this for every group, in one order
-
-    def pipeline_group(self, layout: Layout) -> dist.ProcessGroup | None:
-        return self._pipeline[layout.stages]
-
-    def replica_group(self, layout: Layout) -> dist.ProcessGroup | None:
-        return self._replicas[layout.stages]
-
-    def destroy(self) -> None:
-        for g in {id(g): g for g in [*self._pipeline.values(), *self._replicas.values()]}.values():
-            if g is not dist.group.WORLD and g is not None:
-                dist.destroy_process_group(g)
-        self._pipeline.clear()
-        self._replicas.clear()
 
 
 def replica_batch(global_batch: int, layout: Layout, policy: str, start: Layout) -> int:
@@ -139,16 +101,3 @@ def dropout_seed(seed: int, samples_seen: int, rank: int) -> int:
     for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
         x = ((x ^ (x >> shift)) * mult) % 2**64
     return (x ^ (x >> 31)) % 2**63
-
-
-def average_gradients(params: list[torch.nn.Parameter], layout: Layout, group) -> None:
-    """Average the active gradients over the stage's replicas, in one flat all-reduce (a
-    missing gradient counts as zero). Sync point."""
-    if not params or layout.replicas == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    flat /= layout.replicas
-    for p, g in zip(params, flat.split([g.numel() for g in grads])):
-        p.grad = g.view_as(p)
