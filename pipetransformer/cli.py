@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from .commands import COMMANDS, Parser, add_config_flags, command_parser, config_from_args, flag_values
-from .commands import main as run_command
+from .commands import COMMANDS, Parser, add_commands, add_config_flags, command_parser, config_from_args, flag_values
+from .commands import run as run_command
 from .config import Config, ConfigError, apply_overrides, config_fields, read_yaml
 from .stopping import STOP_SIGNALS, STOPPED_EXIT_CODES, restore_signals, stop_on_signals, stopping_signal
 
@@ -36,7 +36,7 @@ RESUMING = "PIPETRANSFORMER_RESUME"
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="pipetransformer", allow_abbrev=False,
                                      description="Fine-tune Transformers faster: AutoFreeze + elastic pipelines.",
-                                     epilog="also: profile, plan, bench (pipetransformer <command> --help)")
+                                     epilog="pipetransformer <command> --help: that command's flags")
     sub = parser.add_subparsers(dest="command", required=True)
     train = command_parser(sub, "train", "fine-tune a model (or continue a stopped run)")
     train.add_argument("--run-dir", help="output folder: metrics.jsonl, metrics.png, checkpoints/, final/ "
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write RUN_DIR/final/ from the run's newest checkpoint",
                             allow_abbrev=False)
     export.add_argument("run_dir", metavar="RUN_DIR")
+    add_commands(sub)
     return parser
 
 
@@ -538,9 +539,9 @@ def _export(run_dir: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in COMMANDS:
-        return run_command(argv)
     args = build_parser().parse_args(argv)
+    if args.command in COMMANDS:
+        return run_command(args, argv)
     worker = "LOCAL_WORLD_SIZE" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ
     try:
         if args.command == "export":

@@ -1,6 +1,7 @@
 """`pipetransformer profile | plan | bench`: measure a model here, plan a run on other
-devices, and compare the paper's ablation side by side. `cli.main` hands these commands to
-`main` here; like cli.py, this module imports no torch before a command needs it.
+devices, and compare the paper's ablation side by side. cli.py's one parser takes these
+commands' flags from `add_commands` and hands them to `run` here. Like cli.py, this module
+imports no torch before a command needs it.
 
 Config fields are flags as in `train` (`--config` reads YAML first); each command takes the
 fields that matter to it.
@@ -20,7 +21,7 @@ from .costs import Hardware
 from .planner import format_prediction, predict
 from .stopping import restore_signals, stop_on_signals, stopping_signal
 
-__all__ = ["COMMANDS", "Parser", "build_parser", "main", "command_parser", "add_config_flags", "flag_values",
+__all__ = ["COMMANDS", "Parser", "add_commands", "run", "command_parser", "add_config_flags", "flag_values",
            "config_from_args"]
 
 COMMANDS = ("profile", "plan", "bench")
@@ -56,9 +57,8 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="pipetransformer", allow_abbrev=False)
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_commands(sub) -> None:
+    """profile, plan and bench, added to the command line's subparsers (cli.build_parser)."""
     profile = command_parser(sub, "profile", "time every unit of a model on this machine (forward, backward, "
                        "optimizer step; activation and parameter bytes) and write a profile file for `plan`")
     profile.add_argument("--out", default="profile.json", help="the profile file to write (default: profile.json)")
@@ -95,7 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"rows to run, of {', '.join(VARIANTS)} (default: {','.join(DEFAULT_ROWS)})")
     bench.add_argument("--profile", help="a profile file for the planned epoch times (default: profile here)")
     add_config_flags(bench)
-    return parser
 
 
 def command_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -230,9 +229,9 @@ def _bench(args) -> int:
     return 0
 
 
-def main(argv: list[str]) -> int:
-    """Run `pipetransformer <argv>` for the commands here: exit 2 with one line on bad input."""
-    args = build_parser().parse_args(argv)
+def run(args, argv: list[str]) -> int:
+    """Run the command `args` parsed from `argv` (one of COMMANDS): exit 2 with one line on bad
+    input."""
     args.command_line = "pipetransformer " + " ".join(argv)
     previous = stop_on_signals()
     try:

@@ -35,12 +35,23 @@ def _bad(name: str, value, fix: str) -> ConfigError:
     return ConfigError(f"--{name.replace('_', '-')}={value!r} is invalid: {fix}")
 
 
+def _check_choices(section) -> None:
+    """Every field with choices in its metadata holds one of them (the one list of each)."""
+    for f in dataclasses.fields(section):
+        choices = f.metadata.get("choices")
+        value = getattr(section, f.name)
+        if choices and value not in choices:
+            listed = ", ".join(choices[:-1]) + f" or {choices[-1]}" if len(choices) > 1 else choices[0]
+            raise _bad(f.name, value, f"choose {listed}")
+
+
 @dataclass
 class ModelConfig:
     model: str = _f("minilm-l6", "built-in model name (minilm-l6) or a local Hugging Face model folder")
     max_length: int = _f(48, "tokens per text sample; every batch is padded to exactly this length")
 
     def __post_init__(self):
+        _check_choices(self)
         if not 8 <= self.max_length <= 8192:
             raise _bad("max_length", self.max_length, "use a length between 8 and 8192 tokens")
 
@@ -71,6 +82,7 @@ class DataConfig:
                              "text, up to 4 for images; 0: read in the training process)")
 
     def __post_init__(self):
+        _check_choices(self)
         if not -1 <= self.loader_workers <= 64:
             raise _bad("loader_workers", self.loader_workers, "use -1 (auto), 0 or a count up to 64")
         if self.image_size < 1:
@@ -79,8 +91,6 @@ class DataConfig:
             raise _bad("train_samples", self.train_samples, "use 0 (all) or a positive count")
         if self.eval_samples < 0:
             raise _bad("eval_samples", self.eval_samples, "use 0 (all) or a positive count")
-        if self.augment not in ("off", "crop-flip"):
-            raise _bad("augment", self.augment, "choose off or crop-flip")
         if self.doc_stride < -1:
             raise _bad("doc_stride", self.doc_stride, "use -1 (auto), 0 or a positive token count, e.g. 128")
         if not 0.0 < self.val_fraction < 0.5:
@@ -103,6 +113,7 @@ class TrainConfig:
     seed: int = _f(0, "seed for the split, the head's initialisation, shuffling and dropout")
 
     def __post_init__(self):
+        _check_choices(self)
         if self.epochs < 1:
             raise _bad("epochs", self.epochs, "train for at least 1 epoch")
         if self.batch_size < 1:
@@ -144,14 +155,9 @@ class FreezeConfig:
                                  "below which a block counts as converged")
 
     def __post_init__(self):
-        if self.freeze not in MODES:
-            raise _bad("freeze", self.freeze, f"choose {', '.join(MODES)}")
+        _check_choices(self)
         if not 0 < self.alpha < 1:
             raise _bad("alpha", self.alpha, "use a ratio between 0 and 1, e.g. 0.333")
-        if self.freeze_rule not in RULES:
-            raise _bad("freeze_rule", self.freeze_rule, f"choose {' or '.join(RULES)}")
-        if self.freeze_policy not in POLICIES:
-            raise _bad("freeze_policy", self.freeze_policy, f"choose {', '.join(POLICIES)}")
         if not 0 <= self.freeze_percentile <= 100:
             raise _bad("freeze_percentile", self.freeze_percentile, "use a percentile between 0 and 100")
         if not self.freeze_threshold > 0:
@@ -197,6 +203,7 @@ class ParallelConfig:
                        "transition's time); pays off on GPUs for long runs")
 
     def __post_init__(self):
+        _check_choices(self)
         if self.max_restarts < 0:
             raise _bad("max_restarts", self.max_restarts, "use 0 (no restarts) or a positive count")
         if not 1 <= self.comm_timeout <= 86400:
@@ -217,16 +224,8 @@ class ParallelConfig:
                        f"node 0's name or address and a free port, e.g. --rdzv-endpoint node0.example.com:29500")
         if self.stages < 0:
             raise _bad("stages", self.stages, "use 0 (all processes) or a positive divisor of --nproc")
-        if self.schedule not in ("gpipe", "1f1b"):
-            raise _bad("schedule", self.schedule, "choose gpipe or 1f1b")
         if self.micro_batches < 0:
             raise _bad("micro_batches", self.micro_batches, "use 0 (automatic) or a positive count")
-        if self.balance not in ("params", "time"):
-            raise _bad("balance", self.balance, "choose params or time")
-        if self.batch_policy not in ("constant", "per-replica"):
-            raise _bad("batch_policy", self.batch_policy, "choose constant or per-replica")
-        if self.lr_scaling not in LR_SCALINGS:
-            raise _bad("lr_scaling", self.lr_scaling, f"choose {' or '.join(LR_SCALINGS)}")
         if self.lr_ramp_steps < 0:
             raise _bad("lr_ramp_steps", self.lr_ramp_steps, "use 0 (at once) or a positive step count")
 
@@ -247,10 +246,7 @@ class CacheConfig:
                                       "as a fraction of free GPU memory")
 
     def __post_init__(self):
-        if self.cache not in ("auto", "on", "off"):
-            raise _bad("cache", self.cache, "choose auto, on or off")
-        if self.cache_dtype not in ("auto", "float32", "bfloat16"):
-            raise _bad("cache_dtype", self.cache_dtype, "choose auto, float32 or bfloat16")
+        _check_choices(self)
         if not 0 <= self.cache_host_fraction <= 0.9:
             raise _bad("cache_host_fraction", self.cache_host_fraction, "use a fraction in [0, 0.9]")
         if self.cache_host_bytes < 0:
@@ -266,6 +262,7 @@ class CheckpointConfig:
                                "run then starts over)")
 
     def __post_init__(self):
+        _check_choices(self)
         if self.checkpoint_every < 0:
             raise _bad("checkpoint_every", self.checkpoint_every, "use 0 (epoch ends only) or a step count")
         if self.keep_checkpoints < 0:

@@ -70,6 +70,12 @@ def test_help_shows_each_default_once():
     assert "(default: 4)" in text and "(default: None)" not in text
 
 
+def test_one_parser_lists_every_command():
+    from pipetransformer.commands import COMMANDS
+    text = build_parser().format_help()
+    assert all(name in text for name in ("train", "export", *COMMANDS)), text
+
+
 def test_flags_are_never_abbreviated(capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(["train", "--epoch", "3"])
