@@ -58,17 +58,25 @@ class Snapshot:
 
 
 def fingerprint(cfg, label_names: list[str], num_blocks: int, task: str = "classify",
-                data_cache: Path | None = None) -> dict:
+                data_cache: Path | None = None, model_config: dict | None = None, data_id: str | None = None) -> dict:
     """What a resume must find unchanged: the model's architecture and the data (and the task,
-    which export needs to rebuild the head). A data file's digest is kept in `data_cache`."""
+    which export needs to rebuild the head). A data file's digest is kept in `data_cache`.
+    `model_config`: the Hugging Face config of a model given as an object (Trainer(model=...)),
+    which --model does not name; `data_id` stands for data given as objects, which --data does
+    not name."""
     from .data.sources import BUILTIN
     from .models.catalog import BUILTIN as BUILTIN_MODELS
     from .models.catalog import resolve_model_path
-    model_cfg = resolve_model_path(cfg.model.model) / "config.json"
     data = cfg.data.data
-    return {"model": cfg.model.model if cfg.model.model in BUILTIN_MODELS else _sha(model_cfg),
+    if model_config is not None:
+        model = hashlib.sha256(json.dumps(model_config, sort_keys=True, default=str).encode()).hexdigest()
+    elif cfg.model.model in BUILTIN_MODELS:
+        model = cfg.model.model
+    else:
+        model = _sha(resolve_model_path(cfg.model.model) / "config.json")
+    return {"model": model,
             "num_blocks": num_blocks, "labels": label_names, "task": task,
-            "data": data if data in BUILTIN else _data_digest(Path(data), data_cache)}
+            "data": data_id or (data if data in BUILTIN else _data_digest(Path(data), data_cache))}
 
 
 def _data_digest(path: Path, data_cache: Path | None) -> str:

@@ -88,6 +88,7 @@ class Trainer:
         self.rank, self.world, self.device = distributed.init(cfg.parallel.comm_timeout)
         self.comm_device = self.device if self.device.type == "cuda" else torch.device("cpu")
         torch.manual_seed(cfg.train.seed)
+        model_config = None if model is None else model.hf_model.config.to_dict()  # not what --model names
         if model is None:
             facts = describe_data(cfg.data.data)
             model = load_model(cfg.model.model, len(facts.label_names), cfg.train.seed, facts.label_names, facts.task)
@@ -124,8 +125,9 @@ class Trainer:
         self.passes = Passes(model, self.cache, self.device, self.comm_device, self.loader, t.dropout)
         self.samples_seen, self.records = 0, list[dict]()
         self.lr = LRSchedule(cfg, self.plans.start, t.epochs * self.sampler.steps(t.batch_size) * t.batch_size)
+        given = None if data is None else f"in memory: {len(self.train_data)} train / {len(self.val_data)} val rows"
         self.fingerprint = checkpoint.fingerprint(cfg, self.train_data.label_names, model.num_blocks, model.task,
-                                                  data_cache)
+                                                  data_cache, model_config, given)
         self.epoch, self.first_step, self.partial = 0, 0, dict[str, list]()
         self.resumed, found = resume, checkpoint.latest(self.recorder.run_dir) if resume else None
         if found is None:
