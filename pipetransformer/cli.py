@@ -26,9 +26,7 @@ from .stopping import STOP_SIGNALS, STOPPED_EXIT_CODES, restore_signals, stop_on
 
 __all__ = ["main", "build_parser"]
 
-# flags a resume may change: they move work between processes, never the math
-RESUMABLE = {"nproc", "nnodes", "node_rank", "rdzv_endpoint", "stages", "loader_workers", "schedule",
-             "max_restarts", "comm_timeout", "checkpoint_every", "keep_checkpoints", "compile"}
+RESUMABLE = {f.name for _, f in config_fields() if f.metadata["resumable"]}  # flags a resume may change
 LOCK_HELD = "PIPETRANSFORMER_LOCK_HELD"  # set for workers: their launcher holds the lock
 RESUMING = "PIPETRANSFORMER_RESUME"
 

@@ -27,8 +27,10 @@ __all__ = ["Config", "ModelConfig", "DataConfig", "TrainConfig", "FreezeConfig",
            "config_fields", "apply_overrides", "parse_on_off", "read_yaml"]
 
 
-def _f(default, help: str, choices=None):
-    return field(default=default, metadata={"help": help, "choices": choices})
+def _f(default, help: str, choices=None, resumable: bool = False):
+    """A config field: its flag's help, its choices (checked once, _check_choices) and whether
+    a resume may change it (it moves work between processes, never the math)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "resumable": resumable})
 
 
 def _bad(name: str, value, fix: str) -> ConfigError:
@@ -79,7 +81,7 @@ class DataConfig:
                       "image and flips half the images; it keeps the cache off in auto mode",
                       choices=("off", "crop-flip"))
     loader_workers: int = _f(-1, "data loader worker processes per training process (-1: auto, none for "
-                             "text, up to 4 for images; 0: read in the training process)")
+                             "text, up to 4 for images; 0: read in the training process)", resumable=True)
 
     def __post_init__(self):
         _check_choices(self)
@@ -169,18 +171,18 @@ class FreezeConfig:
 
 @dataclass
 class ParallelConfig:
-    nproc: int = _f(1, "local processes to launch (one per GPU, or CPU processes with gloo)")
+    nproc: int = _f(1, "local processes to launch (one per GPU, or CPU processes with gloo)", resumable=True)
     nnodes: int = _f(1, "machines the run spans, each running the same command with its own "
-                     "--node-rank and --nproc processes")
+                     "--node-rank and --nproc processes", resumable=True)
     node_rank: int = _f(0, "this machine's rank, 0 to --nnodes - 1; node 0 hosts --rdzv-endpoint, "
-                        "and its run folder gets the metrics and final/")
+                        "and its run folder gets the metrics and final/", resumable=True)
     rdzv_endpoint: str = _f("", "with --nnodes 2 or more: HOST:PORT where the machines meet, node 0's "
-                            "name or address and a free port there that every machine can reach")
+                            "name or address and a free port there that every machine can reach", resumable=True)
     stages: int = _f(0, "pipeline stages at the start (a divisor of the world size); 0: all "
-                     "processes form one pipeline, the paper's starting layout")
+                     "processes form one pipeline, the paper's starting layout", resumable=True)
     elastic: bool = _f(True, "re-partition onto fewer stages and add replicas as layers freeze "
                        "(off: keep the starting layout, the 'freeze only' ablation)")
-    schedule: str = _f("gpipe", "pipeline schedule", ("gpipe", "1f1b"))
+    schedule: str = _f("gpipe", "pipeline schedule", ("gpipe", "1f1b"), resumable=True)
     micro_batches: int = _f(0, "micro-batches per pipeline step; 0: 2 x stages (1 for a single stage)")
     balance: str = _f("params", "what the stages balance: params (each unit's matrix parameters, "
                       "the paper's rule) or time (each unit's forward+backward time, profiled on "
@@ -195,12 +197,12 @@ class ParallelConfig:
     lr_ramp_steps: int = _f(100, "per-replica only: optimizer steps over which the LR moves to its "
                             "new scale after a transition (0: at once)")
     max_restarts: int = _f(0, "with --nproc 2 or more: restart every worker this many times after "
-                           "a worker fails; each restart resumes from the last checkpoint")
+                           "a worker fails; each restart resumes from the last checkpoint", resumable=True)
     comm_timeout: float = _f(300.0, "seconds a process waits on a stopped or dead peer before "
-                             "the run ends with an error")
+                             "the run ends with an error", resumable=True)
     compile: bool = _f(False, "torch.compile each process's active stage and its frozen prefix; "
                        "compiled again after every transition (the compile time counts in the "
-                       "transition's time); pays off on GPUs for long runs")
+                       "transition's time); pays off on GPUs for long runs", resumable=True)
 
     def __post_init__(self):
         _check_choices(self)
@@ -257,9 +259,9 @@ class CacheConfig:
 
 @dataclass
 class CheckpointConfig:
-    checkpoint_every: int = _f(0, "also checkpoint every N training steps (0: at epoch ends only)")
+    checkpoint_every: int = _f(0, "also checkpoint every N training steps (0: at epoch ends only)", resumable=True)
     keep_checkpoints: int = _f(2, "how many of the newest checkpoints to keep (0: write none; a stopped "
-                               "run then starts over)")
+                               "run then starts over)", resumable=True)
 
     def __post_init__(self):
         _check_choices(self)

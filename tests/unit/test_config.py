@@ -3,6 +3,7 @@ and every cross-field check, each a single line naming the field, the value and 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,3 +176,12 @@ def test_the_command_line_and_the_planning_side_load_no_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_resume_help_names_every_field_the_schema_marks_resumable():
+    from pipetransformer.cli import RESUMABLE
+    text = " ".join(build_parser()._subparsers._group_actions[0].choices["train"].format_help().split())
+    assert {"nproc", "stages", "compile"} <= RESUMABLE and not RESUMABLE & {"lr", "epochs", "freeze", "seed"}
+    assert all(name in text for name in RESUMABLE), text
+    readme = " ".join((Path(__file__).parents[2] / "README.md").read_text().split())
+    assert all(f"`--{name.replace('_', '-')}`" in readme for name in RESUMABLE)
