@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from .config import Config, apply_overrides
+from .config import ALL_STAGES, Config, apply_overrides
 from .errors import ConfigError
 from .planner import simulate
 from .recorder import primary_metric, write_atomically
@@ -50,6 +50,7 @@ VARIANTS = {
     "d-below-min": Variant("d with --freeze-rule below-min (the paper's argmin)", {"freeze_rule": "below-min"}),
     "d-autofreeze": Variant("d with --freeze-policy autofreeze (Liu et al. 2021)", {"freeze_policy": "autofreeze"}),
     "d-update-ratio": Variant("d with --freeze-policy update-ratio", {"freeze_policy": "update-ratio"}),
+    "d-auto": Variant("d starting from the layout --stages auto prices fastest", {"stages": 0}),
 }
 DEFAULT_ROWS = ("a1", "a2", "b", "c", "d")
 
@@ -329,8 +330,9 @@ def run_bench(base: Config, rows: Sequence[str], seeds: int, out: Path, profile_
 
     if (out / "bench.json").exists():
         raise ConfigError(f"--out={str(out)!r} already holds a finished bench; pass a new --out")
-    configs = {name: apply_overrides(base, VARIANTS[name].overrides) for name in rows}
     nproc = base.parallel.nproc
+    paper_start = {"stages": base.parallel.stages or ALL_STAGES}  # the paper's rows: one pipeline over all
+    configs = {name: apply_overrides(base, {**paper_start, **VARIANTS[name].overrides}) for name in rows}
     for name, cfg in configs.items():
         try:
             cfg.validate(nproc)

@@ -16,7 +16,16 @@ import time
 from pathlib import Path
 
 from .bench import DEFAULT_ROWS, PRESETS, VARIANTS
-from .config import Config, ConfigError, apply_overrides, config_fields, describe_run, parse_on_off, read_yaml
+from .config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_fields,
+    describe_run,
+    parse_on_off,
+    read_yaml,
+    shown_default,
+)
 from .costs import Hardware
 from .planner import format_prediction, predict
 from .stopping import restore_signals, stop_on_signals, stopping_signal
@@ -108,7 +117,7 @@ def command_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
 def add_config_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
     for section, f in config_fields():
         if names is None or f.name in names:
-            _add_flag(parser, f, f"[{section}] {f.metadata['help']} (default: {f.default})")
+            _add_flag(parser, f, f"[{section}] {f.metadata['help']} (default: {shown_default(f)})")
 
 
 def _add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, help_text: str) -> None:
@@ -116,9 +125,22 @@ def _add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, help_text: 
     if f.type == "bool":
         # a bare `--compile` means on
         parser.add_argument(flag, type=_on_off, nargs="?", const=True, metavar="{on,off}", help=help_text)
+    elif f.metadata.get("words"):
+        words = f.metadata["words"]
+        parser.add_argument(flag, type=lambda value: _count_or_word(value, words), metavar=f"{{{','.join(words)},N}}",
+                            help=help_text)
     else:
         parser.add_argument(flag, type={"int": int, "float": float, "str": str}[str(f.type)],
                             choices=f.metadata.get("choices"), help=help_text)
+
+
+def _count_or_word(value: str, words: dict[str, int]) -> int:
+    if value in words:
+        return words[value]
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {', '.join(words)} or a whole number, got {value!r}") from None
 
 
 def _on_off(value: str) -> bool:
@@ -191,10 +213,9 @@ def _plan(args) -> int:
         profile = read_profile(args.profile)
     else:
         from .profiling import measure
-        cfg.validate(hardware.devices, world_flag="devices")  # before profiling: the model folder's own limits
+        cfg.validate(hardware.devices)  # before profiling: the model folder's own limits
         profile = measure(cfg)
-    cfg.validate(hardware.devices, RunFacts(profile.modality, profile.modality, len(profile.units), samples),
-                 world_flag="devices")
+    cfg.validate(hardware.devices, RunFacts(profile.modality, profile.modality, len(profile.units), samples))
     prediction = predict(profile, hardware, cfg, samples, trace, args.choose_micro_batches)
     if args.json:
         print(json.dumps(prediction.to_dict()))

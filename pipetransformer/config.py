@@ -15,22 +15,32 @@ from typing import Any
 import yaml
 
 from .autofreeze import MODES, POLICIES, RULES, FreezePolicy
-from .autopipe import choose_microbatches, divisors
+from .autopipe import divisors
 from .data.sources import describe_data, describe_validation, run_sizes
 from .errors import ConfigError
 from .models.catalog import describe_model
 
 LR_SCALINGS = ("sqrt", "linear")  # autodp.lr_scale
 
-__all__ = ["Config", "ModelConfig", "DataConfig", "TrainConfig", "FreezeConfig",
+__all__ = ["AUTO", "ALL_STAGES", "Config", "ModelConfig", "DataConfig", "TrainConfig", "FreezeConfig",
            "ParallelConfig", "CacheConfig", "CheckpointConfig", "ConfigError", "RunFacts", "load_config",
-           "config_fields", "apply_overrides", "parse_on_off", "read_yaml"]
+           "config_fields", "apply_overrides", "parse_on_off", "read_yaml", "shown_default"]
 
 
-def _f(default, help: str, choices=None, resumable: bool = False):
-    """A config field: its flag's help, its choices (checked once, _check_choices) and whether
-    a resume may change it (it moves work between processes, never the math)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "resumable": resumable})
+AUTO, ALL_STAGES = 0, -1  # --stages auto / all, --micro-batches auto
+
+
+def _f(default, help: str, choices=None, resumable: bool = False, words: dict[str, int] | None = None):
+    """A config field: its flag's help, its choices (checked once, _check_choices), whether
+    a resume may change it (it moves work between processes, never the math) and the words
+    that stand for some of its numbers (a flag, YAML or keyword may give either)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "resumable": resumable,
+                                            "words": words or {}})
+
+
+def shown_default(f: dataclasses.Field) -> str:
+    """A field's default as --help shows it."""
+    return next((w for w, n in f.metadata["words"].items() if n == f.default), str(f.default))
 
 
 def _bad(name: str, value, fix: str) -> ConfigError:
@@ -178,12 +188,17 @@ class ParallelConfig:
                         "and its run folder gets the metrics and final/", resumable=True)
     rdzv_endpoint: str = _f("", "with --nnodes 2 or more: HOST:PORT where the machines meet, node 0's "
                             "name or address and a free port there that every machine can reach", resumable=True)
-    stages: int = _f(0, "pipeline stages at the start (a divisor of the world size); 0: all "
-                     "processes form one pipeline, the paper's starting layout", resumable=True)
+    stages: int = _f(0, "pipeline stages at the start (a divisor of the world size; the paper starts "
+                     "with one pipeline over every process); auto: the starting layout that the cost "
+                     "model (as `plan`) prices fastest per sample among those that fit device memory, "
+                     "from the units timed at the start (run folder's profile.json); all: one "
+                     "pipeline over every process", resumable=True, words={"auto": AUTO, "all": ALL_STAGES})
     elastic: bool = _f(True, "re-partition onto fewer stages and add replicas as layers freeze "
                        "(off: keep the starting layout, the 'freeze only' ablation)")
     schedule: str = _f("gpipe", "pipeline schedule", ("gpipe", "1f1b"), resumable=True)
-    micro_batches: int = _f(0, "micro-batches per pipeline step; 0: 2 x stages (1 for a single stage)")
+    micro_batches: int = _f(0, "micro-batches per pipeline step; auto: for each layout the count the "
+                            "cost model prices fastest (bubble against the cost per call; 1 for a single "
+                            "stage), from the units timed at the start", words={"auto": AUTO})
     balance: str = _f("params", "what the stages balance: params (each unit's matrix parameters, "
                       "the paper's rule) or time (each unit's forward+backward time, profiled on "
                       "one batch at the start by rank 0 and shared)", ("params", "time"))
@@ -224,10 +239,10 @@ class ParallelConfig:
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise _bad("rdzv_endpoint", self.rdzv_endpoint, f"the {self.nnodes} machines meet there: pass "
                        f"node 0's name or address and a free port, e.g. --rdzv-endpoint node0.example.com:29500")
-        if self.stages < 0:
-            raise _bad("stages", self.stages, "use 0 (all processes) or a positive divisor of --nproc")
+        if self.stages < ALL_STAGES:
+            raise _bad("stages", self.stages, "use auto, all or a positive divisor of --nproc")
         if self.micro_batches < 0:
-            raise _bad("micro_batches", self.micro_batches, "use 0 (automatic) or a positive count")
+            raise _bad("micro_batches", self.micro_batches, "use auto or a positive count")
         if self.lr_ramp_steps < 0:
             raise _bad("lr_ramp_steps", self.lr_ramp_steps, "use 0 (at once) or a positive step count")
 
@@ -290,54 +305,72 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def validate(self, world: int, facts: RunFacts | None = None, world_flag: str = "nproc") -> None:
+    def validate(self, world: int, facts: RunFacts | None = None) -> None:
         """Every check that needs more than one field: raises ConfigError naming the field,
         the value and the fix. `facts` default to what the model folder and data file say
         (read without torch, in well under a second), so the launcher runs this before any
         worker starts; the Trainer runs it again on what it loaded."""
         facts = facts or describe_run(self)
         self.check_fit(facts)
-        m, t, p = self.model, self.train, self.parallel
+        t, p = self.train, self.parallel
         if p.max_restarts and not self.checkpoint.keep_checkpoints:
             raise _bad("max_restarts", p.max_restarts, "a restart continues from the last checkpoint and "
                        "checkpoints are off (--keep-checkpoints 0); keep at least 1 or use --max-restarts 0")
-        stages = p.stages or world
-        if world % stages:
-            raise _bad("stages", p.stages, f"it must divide the number of processes ({world}); "
-                       f"valid: {divisors(world)}")
-        if stages > facts.num_units:
-            fits = sorted(k for k in divisors(world) if k <= facts.num_units)
-            if p.stages:
-                raise _bad("stages", p.stages, f"{m.model!r} has {facts.num_units} units to place on {stages} "
-                           f"stages; use one of {fits}")
-            given = (f"--nproc={p.nproc} x --nnodes={p.nnodes}" if world_flag == "nproc" and p.nnodes > 1
-                     else f"--{world_flag}={world}")
-            raise ConfigError(f"{given} without --stages starts one pipeline of "
-                              f"{world} stages, and {m.model!r} has {facts.num_units} units to place; pass "
-                              f"--stages with one of {fits}")
-        layouts = [k for k in divisors(world) if k <= stages]  # every layout the run may reach
-        start_replicas = world // stages
-        for k in layouts:
-            replicas = world // k
-            split = start_replicas if p.batch_policy == "per-replica" else replicas  # the batch is cut in
-            if t.batch_size % split:
-                raise _bad("batch_size", t.batch_size, f"it must be divisible by every replica count "
-                           f"the run may reach (up to {split}); use a multiple of {split}")
-            batch = t.batch_size // split
-            if p.micro_batches and batch % p.micro_batches:
-                raise _bad("micro_batches", p.micro_batches, f"it must divide the per-replica batch "
-                           f"({batch} with {k} stage(s) x {replicas} replica(s)); pick a divisor of "
-                           f"it or 0 for automatic")
-            if not p.micro_batches:
-                try:
-                    choose_microbatches(k, batch)
-                except ValueError:
-                    raise _bad("batch_size", t.batch_size, f"{k} stages need at least {k} "
-                               f"micro-batches per replica batch ({batch}); use a larger "
-                               f"--batch-size or fewer --stages") from None
+        self.start_stage_choices(world, facts)
         if facts.train_rows < t.batch_size:
             raise _bad("batch_size", t.batch_size, f"it is larger than the training set "
                        f"({facts.train_rows} samples); lower it or use more --train-samples")
+
+    def start_stage_choices(self, world: int, facts: RunFacts) -> list[int]:
+        """The stage counts the run may start with: --stages K (checked), or with auto every
+        divisor of the world with units enough whose every reachable layout splits the batch;
+        raises naming the fix when none can."""
+        p = self.parallel
+        if p.stages == ALL_STAGES:
+            if world > facts.num_units:
+                fits = sorted(k for k in divisors(world) if k <= facts.num_units)
+                raise _bad("stages", "all", f"one pipeline of {world} stages and {self.model.model!r} has "
+                           f"{facts.num_units} units to place; use one of {fits} or auto")
+            p = dataclasses.replace(p, stages=world)
+        if not p.stages:
+            choices = sorted(k for k in divisors(world)
+                             if k <= facts.num_units and self._layout_problem(k, world) is None)
+            if not choices:
+                raise self._layout_problem(1, world) or AssertionError("one stage always has units")
+            return choices
+        if world % p.stages:
+            raise _bad("stages", p.stages, f"it must divide the number of processes ({world}); "
+                       f"valid: {divisors(world)}")
+        if p.stages > facts.num_units:
+            fits = sorted(k for k in divisors(world) if k <= facts.num_units)
+            raise _bad("stages", p.stages, f"{self.model.model!r} has {facts.num_units} units to place on "
+                       f"{p.stages} stages; use one of {fits} or auto")
+        problem = self._layout_problem(p.stages, world)
+        if problem:
+            raise problem
+        return [p.stages]
+
+    def _layout_problem(self, stages: int, world: int) -> ConfigError | None:
+        """What stops a run that starts with `stages` stages: a layout it may reach (every
+        stage count up to it) whose replicas cannot split the batch or its micro-batches."""
+        t, p = self.train, self.parallel
+        start_replicas = world // stages
+        for k in [k for k in divisors(world) if k <= stages]:
+            replicas = world // k
+            split = start_replicas if p.batch_policy == "per-replica" else replicas  # the batch is cut in
+            if t.batch_size % split:
+                return _bad("batch_size", t.batch_size, f"it must be divisible by every replica count "
+                            f"the run may reach (up to {split}); use a multiple of {split}")
+            batch = t.batch_size // split
+            if p.micro_batches and batch % p.micro_batches:
+                return _bad("micro_batches", p.micro_batches, f"it must divide the per-replica batch "
+                            f"({batch} with {k} stage(s) x {replicas} replica(s)); pick a divisor of "
+                            f"it or auto")
+            if not p.micro_batches and batch < k:
+                return _bad("batch_size", t.batch_size, f"{k} stages need at least {k} "
+                            f"micro-batches per replica batch ({batch}); use a larger "
+                            f"--batch-size or fewer --stages")
+        return None
 
     def check_fit(self, facts: RunFacts) -> None:
         """The checks of the model against the data and the input sizes alone (what `profile`
@@ -430,7 +463,10 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
 def _coerce(section_cls, name: str, value):
     """Convert a YAML or keyword value to the field's type as strictly as the flag parser
     would: 1.7 is no int, 2 is no bool; strings such as "1e-4" are parsed."""
-    typ = str({f.name: f.type for f in dataclasses.fields(section_cls)}[name])
+    f = {f.name: f for f in dataclasses.fields(section_cls)}[name]
+    typ = str(f.type)
+    if value in f.metadata["words"]:
+        return f.metadata["words"][value]
     try:
         if typ == "bool":
             if isinstance(value, str):
@@ -444,7 +480,8 @@ def _coerce(section_cls, name: str, value):
             raise ValueError
         number = {"int": int, "float": float}[typ](value)
     except (ValueError, TypeError):
-        raise _bad(name, value, f"expected a value of type {typ}") from None
+        expected = " or ".join([typ, *f.metadata["words"]])
+        raise _bad(name, value, f"expected a value of type {expected}") from None
     if not math.isfinite(number):  # nan slips through every range check below and trains to garbage
         raise _bad(name, value, "use a finite number")
     return number

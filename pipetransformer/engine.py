@@ -26,7 +26,8 @@ from .autodp import Layout, dropout_seed, lr_scale, ramped, replica_rows
 from .autodp.groups import Topology, average_gradients
 from .autofreeze import FreezeState
 from .autopipe import next_stage_count
-from .config import Config, RunFacts, apply_overrides
+from .config import AUTO, Config, RunFacts, apply_overrides
+from .costs import local_hardware
 from .data.augment import crop_flip
 from .data.dataset import Dataset
 from .data.load import load_data
@@ -38,8 +39,10 @@ from .layouts import PlanInputs, TransitionPlan, next_plan, plan
 from .models.base import StagedModel
 from .models.loading import load_model
 from .passes import Passes
+from .planner import micro_batch_rule, start_stages
+from .profiling import run_profile
 from .recorder import Recorder
-from .runtime import RuntimeEnv, build_runtime, clip_grad_norm, profile_on_rank0, unit_costs
+from .runtime import RuntimeEnv, build_runtime, clip_grad_norm, unit_costs
 from .stopping import raise_if_stopping
 from .transition import apply, gather_weights
 
@@ -90,8 +93,9 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         model_config = None if model is None else model.hf_model.config.to_dict()  # not what --model names
         if model is None:
-            facts = describe_data(cfg.data.data)
-            model = load_model(cfg.model.model, len(facts.label_names), cfg.train.seed, facts.label_names, facts.task)
+            described = describe_data(cfg.data.data)
+            model = load_model(cfg.model.model, len(described.label_names), cfg.train.seed, described.label_names,
+                               described.task)
         self.model = model
         if not cfg.train.dropout:
             _disable_dropout(model.hf_model)
@@ -104,20 +108,15 @@ class Trainer:
         # the same checks the launcher made, now on the model and data actually loaded
         fixed_size = model.modality == "image" and model.hf_model.config.model_type != "dinov2"
         image_size = getattr(model.hf_model.config, "image_size", None) if fixed_size else None
-        cfg.validate(self.world, RunFacts(model.modality, model.modality, len(model.units), len(self.train_data),
-                                          image_size=image_size, task=model.task))
+        facts = RunFacts(model.modality, model.modality, len(model.units), len(self.train_data),
+                          image_size=image_size, task=model.task)
+        cfg.validate(self.world, facts)
         self.recorder = Recorder(cfg, self.rank, progress)
         self.policy = cfg.freeze.policy()
         self.freeze, self.meter = FreezeState(model.num_blocks), BlockMeter(model.num_blocks, self.policy.statistic)
         self.sampler = BatchSampler(len(self.train_data), cfg.train.seed)
         pc, t = cfg.parallel, cfg.train
-        self.plans = PlanInputs(unit_costs(model), self.world, pc.stages or self.world, pc.elastic,
-                                t.batch_size, pc.batch_policy, pc.micro_batches)
-        if pc.balance == "time":
-            rows = torch.arange(min(len(self.train_data), plan(self.plans, 0, self.plans.start_stages).replica_batch))
-            seconds = profile_on_rank0(model, model.inputs(self.train_data.batch(rows, self.device)), self.device,
-                                       self.recorder.log)
-            self.plans = dataclasses.replace(self.plans, units=unit_costs(model, seconds))
+        self.plans = _plan_inputs(cfg, model, self.world, facts, resume, self.device, self.recorder.log)
         self.env = RuntimeEnv(model, Topology(self.world, self.rank), self.device, self.comm_device,
                               t.lr, t.weight_decay, pc.schedule, t.dropout, pc.compile)
         self.cache = AutoCache(cfg.cache, cfg.data.augment, model, self.train_data, self.device,
@@ -322,6 +321,31 @@ class Trainer:
     def close(self) -> None:
         self.cache.close()
         self.env.topo.destroy()
+
+
+def _plan_inputs(cfg: Config, model: StagedModel, world: int, facts: RunFacts, resumed: bool, device,
+                 log) -> PlanInputs:
+    """The run's fixed planning facts: --stages and --micro-batches as given, or (auto) what the
+    planner's cost model prices fastest (planner.start_stages, planner.micro_batch_rule) on the
+    units timed here at the start (profiling.run_profile), which --balance time also reads."""
+    pc, t = cfg.parallel, cfg.train
+    choices = cfg.start_stage_choices(world, facts)
+    auto_micro_batches = not pc.micro_batches and max(choices) > 1
+    inputs = PlanInputs(unit_costs(model), world, choices[0], pc.elastic, t.batch_size, pc.batch_policy,
+                        pc.micro_batches)
+    if len(choices) == 1 and not auto_micro_batches and pc.balance != "time":
+        return inputs
+    rows = t.batch_size * max(choices) // world  # the largest replica batch a starting layout has
+    profile = run_profile(model, cfg, rows, device, resumed, log)
+    hardware = local_hardware(profile, world)
+    if pc.nnodes > 1:
+        hardware = dataclasses.replace(hardware, per_node=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    stages, why = start_stages(profile, hardware, cfg, facts.train_rows)
+    if pc.stages == AUTO:
+        log(f"--stages auto: {stages} stage(s) x {world // stages} replica(s), {why}")
+    rule = micro_batch_rule(profile, hardware, cfg, facts.train_rows) if auto_micro_batches else None
+    return dataclasses.replace(inputs, units=profile.unit_costs(pc.balance == "time"), start_stages=stages,
+                               choose_micro_batches=rule)
 
 
 def _augment(batch: dict, rows: torch.Tensor, epoch: int, cfg: Config, samples: int) -> dict:

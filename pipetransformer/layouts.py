@@ -5,7 +5,8 @@ tests and the planner call these without devices; `transition.apply` carries a p
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 from .autodp import Layout, replica_batch
@@ -23,7 +24,9 @@ class PlanInputs:
     elastic: bool = True
     global_batch: int = 32
     batch_policy: str = "constant"
-    micro_batches: int = 0  # 0: automatic (autopipe.choose_microbatches)
+    micro_batches: int = 0  # 0: automatic, by `choose_micro_batches` if given, else autopipe.choose_microbatches
+    # --micro-batches auto in training: the planner's choice for a plan (planner.micro_batch_rule)
+    choose_micro_batches: Callable[[TransitionPlan], int] | None = field(default=None, compare=False, repr=False)
 
     @property
     def start(self) -> Layout:
@@ -61,7 +64,10 @@ def plan(inputs: PlanInputs, frozen: int, stages: int) -> TransitionPlan:
             owners[name] = layout.rank(0, s)
     batch = replica_batch(inputs.global_batch, layout, inputs.batch_policy, inputs.start)
     m = inputs.micro_batches or choose_microbatches(stages, batch)
-    return TransitionPlan(frozen, layout, split.bounds, split.stage_costs, owners, m, batch)
+    tp = TransitionPlan(frozen, layout, split.bounds, split.stage_costs, owners, m, batch)
+    if not inputs.micro_batches and inputs.choose_micro_batches is not None:
+        tp = replace(tp, micro_batches=inputs.choose_micro_batches(tp))
+    return tp
 
 
 def next_plan(inputs: PlanInputs, current: TransitionPlan, frozen: int) -> TransitionPlan:

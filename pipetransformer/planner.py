@@ -42,12 +42,14 @@ from dataclasses import dataclass
 
 from .autocache.policy import host_budget, should_cache, tier_name, tier_rows
 from .autofreeze import FreezePolicy, FreezeState, decide
-from .config import Config, apply_overrides
+from .autopipe import divisors
+from .config import Config, RunFacts, apply_overrides
 from .costs import GB, Hardware, Profile, UnitProfile
 from .errors import ConfigError
 from .layouts import PlanInputs, TransitionPlan, next_plan, plan
 
-__all__ = ["EpochPlan", "Prediction", "assumed_trace", "simulate", "predict", "format_prediction"]
+__all__ = ["EpochPlan", "Prediction", "assumed_trace", "start_stages", "micro_batch_rule", "simulate", "predict",
+           "format_prediction"]
 
 
 @dataclass(frozen=True)
@@ -189,11 +191,14 @@ class _Pricer:
                 "allreduce_seconds": allreduce, "update_seconds": update, "wait_seconds": wait}
 
     def micro_batches(self, tp: TransitionPlan, cache: str, choose: bool) -> int:
-        """The trainer's M (--micro-batches, or autopipe.choose_microbatches), or with `choose`
-        the M >= K dividing the replica batch whose step this model prices fastest."""
+        """--micro-batches when given; with `choose` (the trainer's auto) the M >= K dividing
+        the replica batch whose step this model prices fastest (1 for one stage: splitting
+        only shrinks kernels); else the plan's own (autopipe.choose_microbatches)."""
         if not choose or self.cfg.parallel.micro_batches:
             return tp.micro_batches
         b, k = tp.replica_batch, tp.layout.stages
+        if k == 1:
+            return 1
         candidates = [m for m in range(k, b + 1) if b % m == 0]
         return min(candidates, key=lambda m: (sum(self.step(tp, m, cache).values()), m))
 
@@ -254,12 +259,52 @@ class _Pricer:
         return seconds
 
 
+def _inputs(profile: Profile, hardware: Hardware, cfg: Config, stages: int) -> PlanInputs:
+    pc = cfg.parallel
+    return PlanInputs(profile.unit_costs(pc.balance == "time"), hardware.devices, stages, pc.elastic,
+                      cfg.train.batch_size, pc.batch_policy, pc.micro_batches)
+
+
+def start_stages(profile: Profile, hardware: Hardware, cfg: Config, samples: int) -> tuple[int, str]:
+    """The stages a run starts with, and why: --stages K; or (auto) of the starting layouts the
+    config allows, the one whose first step this model prices fastest per sample (its own
+    auto micro-batches) among those whose fullest device fits `hardware.memory_gb`; when none
+    fits, the one that needs the least memory."""
+    facts = RunFacts(profile.modality, profile.modality, len(profile.units), samples)
+    choices = cfg.start_stage_choices(hardware.devices, facts)
+    if cfg.parallel.stages:  # a number, or all
+        return choices[0], "--stages"
+    pricer = _Pricer(profile, hardware, cfg, samples)
+    priced = []
+    for k in choices:
+        tp = plan(_inputs(profile, hardware, cfg, k), 0, k)
+        m = pricer.micro_batches(tp, "off", True)
+        per_sample = sum(pricer.step(tp, m, "off").values()) / (tp.replica_batch * tp.layout.replicas)
+        priced.append((k, tp.layout.replicas, per_sample, pricer.peak_memory(tp, m, 0.0)))
+    limit = hardware.memory_gb * GB
+    fits = [p for p in priced if not limit or p[3] <= limit]
+    prices = ", ".join(f"{k}x{r} {1e3 * t:.3g} ms" for k, r, t, _ in priced)
+    if not fits:
+        k, r, _, memory = min(priced, key=lambda p: p[3])
+        return k, (f"no layout fits {hardware.memory_gb:g} GB a device; {k}x{r} needs the least "
+                   f"({memory / GB:.2f} GB)")
+    k = min(fits, key=lambda p: (p[2], p[0]))[0]
+    left_out = "" if len(fits) == len(priced) else f"; {len(priced) - len(fits)} over {hardware.memory_gb:g} GB"
+    return k, f"fastest priced per sample ({prices}{left_out})"
+
+
+def micro_batch_rule(profile: Profile, hardware: Hardware, cfg: Config, samples: int):
+    """The trainer's --micro-batches auto: a plan's M as `simulate` chooses it."""
+    pricer = _Pricer(profile, hardware, cfg, samples)
+    return lambda tp: pricer.micro_batches(tp, "off", True)
+
+
 def simulate(profile: Profile, hardware: Hardware, cfg: Config, samples: int, trace: Sequence[int] | None = None,
              choose_micro_batches: bool = True) -> tuple[EpochPlan, ...]:
     """The run `cfg` on `hardware`, epoch by epoch (see the module docstring). `trace` gives
     the frozen blocks of each epoch (else `assumed_trace`); with `choose_micro_batches` the
     planner picks each layout's M, else it takes the trainer's."""
-    pc, t, fc = cfg.parallel, cfg.train, cfg.freeze
+    t, fc = cfg.train, cfg.freeze
     trace = list(trace) if trace is not None else assumed_trace(profile.num_blocks, t.epochs, fc.freeze,
                                                                 fc.alpha, fc.freeze_rule)
     if len(trace) != t.epochs or any(b < a for a, b in zip(trace, trace[1:])) or \
@@ -267,8 +312,7 @@ def simulate(profile: Profile, hardware: Hardware, cfg: Config, samples: int, tr
         raise ConfigError(f"--trace={','.join(map(str, trace))!r} is invalid: give {t.epochs} frozen "
                           f"counts (one per epoch, 0 to {profile.num_blocks}) that never decrease")
     pricer = _Pricer(profile, hardware, cfg, samples)
-    inputs = PlanInputs(profile.unit_costs(pc.balance == "time"), hardware.devices, pc.stages or hardware.devices,
-                        pc.elastic, t.batch_size, pc.batch_policy, pc.micro_batches)
+    inputs = _inputs(profile, hardware, cfg, start_stages(profile, hardware, cfg, samples)[0])
     current = plan(inputs, trace[0], inputs.start_stages)
     cache, tier, cache_on_device = "off", "off", 0.0  # cache: off, fill or read during the epoch
     epochs = []
@@ -299,12 +343,15 @@ def simulate(profile: Profile, hardware: Hardware, cfg: Config, samples: int, tr
 
 def predict(profile: Profile, hardware: Hardware, cfg: Config, samples: int, trace: Sequence[int] | None = None,
             choose_micro_batches: bool = True) -> Prediction:
-    """The run, and the baselines a1 (its starting layout fixed, nothing frozen) and a2
+    """The run, and the baselines a1 (the paper's: one pipeline over every device, fixed,
+    nothing frozen) and a2
     (one stage, every device a replica, nothing frozen) with the same data and batch."""
     def run(overrides: dict, trace: Sequence[int] | None) -> tuple[EpochPlan, ...]:
         return simulate(profile, hardware, apply_overrides(cfg, overrides), samples, trace, choose_micro_batches)
     off = {"freeze": "off", "cache": "off"}
-    return Prediction(run({}, trace), run({**off, "elastic": False}, None), run({**off, "stages": 1}, None))
+    paper_start = max(k for k in divisors(hardware.devices) if k <= len(profile.units))  # one pipeline over all
+    return Prediction(run({}, trace), run({**off, "elastic": False, "stages": paper_start}, None),
+                      run({**off, "stages": 1}, None))
 
 
 def format_prediction(pred: Prediction, title: str) -> str:

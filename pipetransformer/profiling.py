@@ -18,22 +18,27 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import yaml
 from torch import nn
 
 from .config import Config
-from .costs import Profile, UnitProfile, threads_per_process, usable_cores
+from .costs import Profile, UnitProfile, read_profile, threads_per_process, usable_cores, write_profile
 from .data.sources import describe_data
 from .distributed import device_for
 from .models.base import StagedModel, Unit
 from .models.loading import load_model
+from .recorder import refuse_used_run_dir
 from .runtime import UnitSequence, profile_units
 from .stopping import end_children
 from .timing import best_seconds
 
-__all__ = ["measure", "measure_profile", "keep_busy", "synthetic_inputs"]
+__all__ = ["RUN_PROFILE", "measure", "measure_profile", "run_profile", "keep_busy", "synthetic_inputs"]
+
+RUN_PROFILE = "profile.json"  # in a run folder: what its automatic choices were priced with
 
 BUSY_PARENT = "PIPETRANSFORMER_PROFILE_PARENT"  # a co-running copy's profile process
 
@@ -66,6 +71,33 @@ def measure_profile(model: StagedModel, name: str, batch_sizes: Sequence[int], s
     return Profile(name, model.modality, units, tuple(batch_sizes), seq_len, device.type, device_name,
                    torch.get_num_threads(), "bfloat16" if cuda else "float32", time.strftime("%Y-%m-%d"),
                    memory / 1e9, torch.__version__)
+
+
+def run_profile(model: StagedModel, cfg: Config, rows: int, device, resumed: bool, log) -> Profile:
+    """The profile a run's automatic choices (--stages auto, --micro-batches auto, --balance
+    time) are priced with. Rank 0 times the units at `rows` rows and a quarter of that
+    (measure_profile) and writes it to the run folder's profile.json; a resumed or restarted
+    run reads that file back, so its choices stay the run's. Every rank gets rank 0's. Collective."""
+    box: list[Profile | None] = [None]
+    if dist.get_rank() == 0:
+        path = Path(cfg.run_dir) / RUN_PROFILE
+        if resumed and path.is_file():
+            box = [read_profile(path)]
+            log(f"automatic choices priced with {path} (timed when the run started)")
+        else:
+            if not resumed:  # what Recorder.start checks, before this writes into the folder
+                refuse_used_run_dir(path.parent)
+            began = time.perf_counter()
+            side = cfg.model.max_length if model.modality == "text" else cfg.data.image_size
+            profile = measure_profile(model, cfg.model.model, sorted({max(1, rows // 4), rows}), side, device)
+            profile = dataclasses.replace(profile, cores=usable_cores())
+            write_profile(profile, path)
+            box = [profile]
+            log(f"timed {len(model.units)} units in {time.perf_counter() - began:.1f} s for the automatic "
+                f"choices: {path} (`pipetransformer plan --profile` reads it)")
+    dist.broadcast_object_list(box, src=0)
+    assert box[0] is not None
+    return box[0]
 
 
 def synthetic_inputs(model: StagedModel, rows: int, seq_len: int) -> tuple:

@@ -5,7 +5,6 @@ Built by `build_runtime(plan, env, opt_state)`; rebuilt only by transition.apply
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -27,7 +26,7 @@ if TYPE_CHECKING:  # transition.apply builds runtimes: the import runs the other
     from .layouts import TransitionPlan
 
 __all__ = ["LocalStep", "Runtime", "RuntimeEnv", "UnitSequence", "build_runtime", "clip_grad_norm",
-           "profile_units", "profile_on_rank0", "span_loss", "unit_costs"]
+           "profile_units", "span_loss", "unit_costs"]
 
 
 class UnitSequence(nn.Module):
@@ -96,7 +95,7 @@ class Runtime:
 def unit_costs(model: StagedModel, seconds: dict[str, tuple[float, float]] | None = None) -> tuple[UnitCost, ...]:
     """The planner's view of `model`: each unit's place, size and (if profiled) times."""
     return tuple(UnitCost(u.name, u.freeze_index, u.cost(), seconds[u.name] if seconds else None,
-                          sum(p.numel() for p in u.module.parameters())) for u in model.units)
+                          sum(p.numel() * p.element_size() for p in u.module.parameters())) for u in model.units)
 
 
 def _loss(logits, target):
@@ -250,15 +249,3 @@ def profile_units(model: StagedModel, inputs: tuple, device) -> dict[str, tuple[
             with torch.no_grad():
                 x = run(False)
     return out
-
-
-def profile_on_rank0(model: StagedModel, inputs: tuple, device, log) -> dict[str, tuple[float, float]]:
-    """`profile_units` on rank 0, shared with every rank so that all balance alike. Collective."""
-    seconds: list = [None]
-    if dist.get_rank() == 0:
-        began = time.perf_counter()
-        seconds = [profile_units(model, inputs, device)]
-        log(f"balance by time: {len(seconds[0])} units profiled in {time.perf_counter() - began:.2f} s "
-            f"on {torch.device(device).type}")
-    dist.broadcast_object_list(seconds, src=0)
-    return seconds[0]

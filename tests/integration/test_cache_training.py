@@ -18,7 +18,7 @@ from conftest import assert_same_training, run_command, with_flags
 pytestmark = pytest.mark.integration
 
 
-ARGS = ["--freeze", "schedule", "--alpha", "0.5", "--epochs", "5", "--batch-size", "32",
+ARGS = ["--stages", "all", "--freeze", "schedule", "--alpha", "0.5", "--epochs", "5", "--batch-size", "32",
         "--train-samples", "0", "--max-length", "16", "--dropout", "off", "--seed", "5", "--lr", "3e-3"]
 
 

@@ -27,7 +27,7 @@ from conftest import assert_same_training, make_vit_folder, run_cli, with_flags
 
 pytestmark = pytest.mark.integration
 
-COMMON = ["--freeze", "schedule", "--alpha", "0.2", "--batch-size", "16", "--train-samples", "0",
+COMMON = ["--stages", "all", "--freeze", "schedule", "--alpha", "0.2", "--batch-size", "16", "--train-samples", "0",
           "--max-length", "16", "--dropout", "off", "--seed", "3", "--lr", "3e-3", "--checkpoint-every", "2"]
 
 

@@ -84,7 +84,7 @@ def test_augmented_training_is_the_same_on_two_processes(tmp_path, tiny_vit):
     x, y = _images(n=96)
     np.savez(tmp_path / "digits.npz", x=x, y=y)
     _, one = _augmented(tmp_path / "one", tiny_vit, tmp_path / "digits.npz")
-    _, two = _augmented(tmp_path / "two", tiny_vit, tmp_path / "digits.npz", "--nproc", "2")
+    _, two = _augmented(tmp_path / "two", tiny_vit, tmp_path / "digits.npz", "--nproc", "2", "--stages", "all")
     assert [r["replicas"] for r in two] == [1, 1, 2]
     weights = [load_file(tmp_path / d / "final" / "model.safetensors") for d in ("one", "two")]
     assert_same_training((one, weights[0]), (two, weights[1]))

@@ -66,7 +66,8 @@ def test_minilm_learns_to_answer_and_final_is_a_qa_model(tmp_path):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["val_f1"] == last["val_f1"]
 
 
-COMMON = ["--max-length", "32", "--doc-stride", "8", "--freeze", "schedule", "--alpha", "0.5", "--epochs", "3",
+COMMON = ["--stages", "all",
+          "--max-length", "32", "--doc-stride", "8", "--freeze", "schedule", "--alpha", "0.5", "--epochs", "3",
           "--batch-size", "16", "--train-samples", "0", "--dropout", "off", "--seed", "3", "--lr", "3e-3"]
 
 

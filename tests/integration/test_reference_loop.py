@@ -38,7 +38,8 @@ pytestmark = pytest.mark.integration
 SEED, EPOCHS, BATCH, LR, ALPHA, MAX_LENGTH = 3, 5, 16, 3e-3, 0.5, 16
 WEIGHT_DECAY, WARMUP, CLIP, VAL_FRACTION = 0.01, 0.1, 1.0, 0.1  # the defaults of `train`
 TOL = 1e-5
-ARGS = ["--freeze", "schedule", "--alpha", str(ALPHA), "--epochs", str(EPOCHS), "--batch-size", str(BATCH),
+ARGS = ["--stages", "all",
+        "--freeze", "schedule", "--alpha", str(ALPHA), "--epochs", str(EPOCHS), "--batch-size", str(BATCH),
         "--lr", str(LR), "--seed", str(SEED), "--max-length", str(MAX_LENGTH), "--train-samples", "0",
         "--dropout", "off", "--cache", "off", "--keep-checkpoints", "0"]
 

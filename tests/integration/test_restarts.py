@@ -38,7 +38,8 @@ pytestmark = pytest.mark.integration
 
 # 5 steps an epoch, a checkpoint every 2: samples 32, 64, 80 (epoch 1 ends), 112, 144, 160, ...;
 # frozen 0, 4, 6 of 8 blocks: 2 stages x 1 replica, then 1 stage x 2 replicas in epoch 3
-ARGS = ["--freeze", "schedule", "--alpha", "0.5", "--epochs", "3", "--batch-size", "16", "--train-samples", "0",
+ARGS = ["--stages", "all",
+        "--freeze", "schedule", "--alpha", "0.5", "--epochs", "3", "--batch-size", "16", "--train-samples", "0",
         "--max-length", "16", "--dropout", "off", "--seed", "3", "--lr", "3e-3", "--checkpoint-every", "2",
         "--nproc", "2", "--cache", "on"]
 

@@ -15,7 +15,7 @@ from conftest import assert_same_training, run_command, with_flags
 
 pytestmark = pytest.mark.integration
 
-COMMON = ["--freeze", "schedule", "--alpha", "0.5", "--epochs", "4", "--batch-size", "16",
+COMMON = ["--stages", "all", "--freeze", "schedule", "--alpha", "0.5", "--epochs", "4", "--batch-size", "16",
           "--train-samples", "0", "--max-length", "16", "--dropout", "off", "--seed", "3",
           "--lr", "3e-3", "--cache", "off", "--checkpoint-every", "2", "--keep-checkpoints", "50"]
 
@@ -210,3 +210,38 @@ def test_without_checkpoints_a_failed_final_save_says_to_run_again(tmp_path, tin
                       *with_flags(common, "--keep-checkpoints", "0", "--epochs", "1"))
     assert out.returncode == 1 and "there is no checkpoint to write it from (--keep-checkpoints 0)" in out.stderr
     assert "run it again to start over" in out.stderr and not (run / "checkpoints").exists()
+
+
+def _planned(run_dir):
+    """(stages, replicas, micro-batches) of each epoch as `plan` computes them from the run's
+    own profile.json, its config and the frozen blocks it measured."""
+    from pipetransformer.config import load_config
+    from pipetransformer.costs import local_hardware, read_profile
+    from pipetransformer.planner import simulate
+    records, cfg = _records(run_dir), load_config(run_dir / "config.yaml")
+    profile = read_profile(run_dir / "profile.json")
+    samples = records[0]["steps"] * cfg.train.batch_size  # what the choices read of it: whole batches
+    epochs = simulate(profile, local_hardware(profile, 2), cfg, samples, [r["frozen_layers"] for r in records])
+    return [(e.stages, e.replicas, e.micro_batches) for e in epochs]
+
+
+def test_automatic_layout_and_micro_batches_are_the_planners_and_a_resume_keeps_them(tmp_path, tiny_bert,
+                                                                                      tiny_csv, one_process,
+                                                                                      two_processes):
+    """--stages auto and --micro-batches auto (the defaults): rank 0 times the units into the
+    run's profile.json, and every epoch's layout and micro-batches are what `plan` computes
+    from it; the result is still the one-process run's. A resume prices with that same file
+    (timing again could choose another M, and with dropout another M draws other masks)."""
+    auto = _train(tmp_path / "auto", tiny_bert, tiny_csv, "--nproc", "2", "--stages", "auto")
+    got = [(r["stages"], r["replicas"], r["micro_batches"]) for r in _records(auto)]
+    assert got == _planned(auto)
+    assert_same_end(one_process, auto)
+    # the paper's start (--stages all) with automatic micro-batches: a 2-stage pipeline's M
+    pipeline = [(r["stages"], r["replicas"], r["micro_batches"]) for r in _records(two_processes)]
+    assert pipeline[0][:2] == (2, 1) and pipeline == _planned(two_processes)
+    stopped, (_, step) = _stopped_copy(two_processes, tmp_path / "run", 1)
+    out = run_command("train", "--resume", str(stopped), "--nproc", "2")
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert f"automatic choices priced with {stopped}/profile.json" in out.stdout
+    assert [(r["stages"], r["replicas"], r["micro_batches"]) for r in _records(stopped)] == pipeline
+    assert_same_end(two_processes, stopped, same_layouts=True)

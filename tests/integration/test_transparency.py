@@ -16,7 +16,7 @@ from conftest import assert_same_training, make_model_folder, run_command, with_
 
 pytestmark = pytest.mark.integration
 
-COMMON = ["--freeze", "schedule", "--alpha", "0.5", "--epochs", "5", "--batch-size", "32",
+COMMON = ["--stages", "all", "--freeze", "schedule", "--alpha", "0.5", "--epochs", "5", "--batch-size", "32",
           "--train-samples", "0", "--max-length", "16", "--dropout", "off", "--seed", "3",
           "--lr", "3e-3", "--cache", "off"]
 

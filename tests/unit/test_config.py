@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipetransformer.cli import build_parser, main
-from pipetransformer.config import Config, ConfigError, RunFacts, load_config
+from pipetransformer.config import Config, ConfigError, RunFacts, apply_overrides, load_config
 
 from conftest import make_csv
 
@@ -118,11 +118,13 @@ def _validate(world=4, facts=FACTS, **sections):
     (4, {"train": {"batch_size": 30}}, ["--batch-size=30", "up to 4", "multiple of 4"]),
     (4, {"train": {"batch_size": 31}, "parallel": {"stages": 2, "batch_policy": "per-replica"}},
      ["--batch-size=31", "multiple of 2"]),
-    (2, {"train": {"batch_size": 32}, "parallel": {"micro_batches": 3}}, ["--micro-batches=3", "(32 with 2"]),
-    (4, {"train": {"batch_size": 2}, "parallel": {"batch_policy": "per-replica"}},
+    (2, {"train": {"batch_size": 32}, "parallel": {"micro_batches": 3, "stages": 2}},
+     ["--micro-batches=3", "(32 with 2"]),
+    (2, {"train": {"batch_size": 32}, "parallel": {"micro_batches": 3}}, ["--micro-batches=3", "(16 with 1"]),
+    (4, {"train": {"batch_size": 2}, "parallel": {"batch_policy": "per-replica", "stages": 4}},
      ["--batch-size=2", "4 stages need at least 4 micro-batches"]),
-    (16, {"train": {"batch_size": 32}},
-     ["--nproc=16 without --stages", "14 units", "pass --stages with one of [1, 2, 4, 8]"]),
+    (16, {"train": {"batch_size": 32}, "parallel": {"stages": 16}},
+     ["--stages=16", "14 units", "use one of [1, 2, 4, 8] or auto"]),
     (1, {"train": {"batch_size": 2048}}, ["--batch-size=2048", "larger than the training set (1000"]),
     (1, {"model": {"max_length": 1024}}, ["--max-length=1024", "512 positions"]),
     (1, {"data": {"augment": "crop-flip"}}, ["--augment='crop-flip'", "image models"]),
@@ -131,6 +133,28 @@ def test_cross_field_checks_name_the_field_value_and_fix(world, sections, words)
     with pytest.raises(ConfigError) as e:
         _validate(world, **sections)
     assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_stages_auto_may_start_from_every_layout_that_has_units_and_batch_enough():
+    assert Config().start_stage_choices(16, FACTS) == [1, 2, 4, 8]  # 14 units: no 16-stage pipeline
+    per_replica = Config.from_dict({"train": {"batch_size": 4}, "parallel": {"batch_policy": "per-replica"}})
+    assert per_replica.start_stage_choices(4, FACTS) == [1, 2, 4]  # 4 stages: 4 rows, one a micro-batch
+    two = Config.from_dict({"train": {"batch_size": 2}, "parallel": {"batch_policy": "per-replica"}})
+    with pytest.raises(ConfigError, match="--batch-size=2 is invalid: .* multiple of 4"):  # no layout can start
+        two.start_stage_choices(4, FACTS)
+    assert Config.from_dict({"parallel": {"stages": 2}}).start_stage_choices(4, FACTS) == [2]
+    paper = Config.from_dict({"parallel": {"stages": "all"}})  # the paper's start: one pipeline over all
+    assert paper.parallel.stages == -1 and paper.start_stage_choices(4, FACTS) == [4]
+    with pytest.raises(ConfigError, match="--stages='all' is invalid: one pipeline of 16 stages .* 14 units"):
+        paper.start_stage_choices(16, FACTS)
+
+
+def test_auto_is_a_word_for_stages_and_micro_batches_in_yaml_flags_and_keywords():
+    cfg = Config.from_dict({"parallel": {"stages": "auto", "micro_batches": "auto"}})
+    assert (cfg.parallel.stages, cfg.parallel.micro_batches) == (0, 0)
+    assert apply_overrides(Config(), {"stages": "auto", "micro_batches": 4}).parallel.micro_batches == 4
+    with pytest.raises(ConfigError, match="--stages='many' is invalid: expected a value of type int or auto"):
+        Config.from_dict({"parallel": {"stages": "many"}})
 
 
 def test_data_of_the_wrong_kind_for_the_model():

@@ -16,7 +16,7 @@ from pipetransformer.costs import Hardware, Profile, UnitProfile, read_profile, 
 from pipetransformer.errors import ConfigError
 from pipetransformer.layouts import PlanInputs, next_plan, plan
 from pipetransformer.models.loading import wrap_model
-from pipetransformer.planner import _linear, assumed_trace, predict, simulate
+from pipetransformer.planner import _linear, assumed_trace, micro_batch_rule, predict, simulate, start_stages
 from pipetransformer.profiling import measure_profile
 
 from conftest import make_csv, make_model_folder
@@ -61,7 +61,7 @@ def test_one_device_epoch_is_steps_times_forward_backward_and_update():
 
 def test_pipeline_bubble_is_k_minus_1_over_m_plus_k_minus_1_for_balanced_stages():
     prof = _profile()
-    epoch = simulate(prof, Hardware(2, **FREE), _config(freeze="off", micro_batches=4), 320,
+    epoch = simulate(prof, Hardware(2, **FREE), _config(freeze="off", micro_batches=4, stages=2), 320,
                      choose_micro_batches=False)[0]
     assert (epoch.stages, epoch.replicas, epoch.micro_batches) == (2, 1, 4)
     busy_and_bubble = epoch.compute_seconds + epoch.bubble_seconds
@@ -70,18 +70,47 @@ def test_pipeline_bubble_is_k_minus_1_over_m_plus_k_minus_1_for_balanced_stages(
 
 
 def test_micro_batches_chosen_by_the_model_trade_bubble_against_per_call_cost():
-    cfg = _config(freeze="off")
+    cfg = _config(freeze="off", stages=2)
     free = simulate(_profile(fixed=0.0), Hardware(2, **FREE), cfg, 320)[0]
     assert free.micro_batches == 32  # no cost per call: the smallest bubble wins
     costly = simulate(_profile(fixed=20 * MS), Hardware(2, **FREE), cfg, 320)[0]
     assert costly.micro_batches == 2  # every call costs: as few micro-batches as stages
     trainer = simulate(_profile(fixed=20 * MS), Hardware(2, **FREE), cfg, 320, choose_micro_batches=False)[0]
-    assert trainer.micro_batches == 4  # the trainer's rule, 2 x stages
+    assert trainer.micro_batches == 4  # the fixed rule, 2 x stages
     assert costly.seconds < trainer.seconds
+    # the trainer's --micro-batches auto: the same choice on its own transition plans
+    rule = micro_batch_rule(_profile(fixed=20 * MS), Hardware(2, **FREE), cfg, 320)
+    inputs = PlanInputs(_profile().unit_costs(False), 2, 2, True, 32, choose_micro_batches=rule)
+    assert plan(inputs, 0, 2).micro_batches == 2 and plan(inputs, 0, 1).micro_batches == 1
+    assert plan(dataclasses.replace(inputs, micro_batches=8), 0, 2).micro_batches == 8  # a number fixes it
+
+
+def test_stages_auto_starts_from_the_fastest_layout_that_fits():
+    prof, cfg = _profile(), _config(freeze="off")
+    # communication free, no cost per call: data parallelism has no bubble and wins
+    assert start_stages(prof, Hardware(2, **FREE), cfg, 320)[0] == 1
+    assert simulate(prof, Hardware(2, **FREE), cfg, 320)[0].stages == 1  # plan starts there too
+    # an all-reduce of every weight over a slow link costs more than the pipeline's bubble and
+    # its small activations between stages
+    slow = Hardware(2, latency_us=0.0, intra_gb_s=1e-4)
+    stages, why = start_stages(_profile(out_bytes=1.0), slow, cfg, 320)
+    assert stages == 2 and "fastest priced per sample (1x2" in why and "2x1" in why
+    # one replica's whole model over the memory, half of it within: the pipeline, whatever its speed
+    one = simulate(prof, Hardware(2, **FREE), _config(freeze="off", stages=1), 320)[0].peak_memory_gb
+    half = simulate(prof, Hardware(2, **FREE), _config(freeze="off", stages=2), 320)[0].peak_memory_gb
+    assert half < one
+    tight = Hardware(2, memory_gb=(one + half) / 2, **FREE)
+    stages, why = start_stages(prof, tight, cfg, 320)
+    assert stages == 2 and "1 over" in why
+    stages, why = start_stages(prof, Hardware(2, memory_gb=half / 2, **FREE), cfg, 320)
+    assert stages == 2 and why.startswith("no layout fits")
+    assert start_stages(prof, slow, _config(stages=1), 320) == (1, "--stages")
 
 
 def test_layouts_are_the_trainers_own_transition_plans():
     prof, cfg = _profile(blocks=8), _config(epochs=5, alpha=1 / 3, batch_size=64, train_samples=640)
+    epochs = simulate(prof, Hardware(4, **FREE), cfg, 640)
+    cfg = apply_overrides(cfg, {"stages": 4})
     epochs = simulate(prof, Hardware(4, **FREE), cfg, 640)
     inputs = PlanInputs(prof.unit_costs(False), 4, 4, True, 64)
     current, expected = plan(inputs, 0, 4), []
@@ -175,10 +204,10 @@ def test_plan_command_prints_json_and_a_table(tmp_path, capsys):
     write_profile(_profile(blocks=8), tmp_path / "p.json")
     args = ["plan", "--profile", str(tmp_path / "p.json"), "--devices", "16", "--per-node", "8",
             "--train-samples", "6400", "--batch-size", "64", "--epochs", "5"]
-    assert main([*args, "--json"]) == 0
+    assert main([*args, "--stages", "16", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["epochs"]) == 5 and out["epochs"][0]["stages"] == 16 and out["speedup_over_a1"] > 1
-    assert main(args) == 0
+    assert main(args) == 0  # --stages auto; a1 is still the paper's one pipeline over every device
     assert "a1 (16x1 fixed, no freezing)" in capsys.readouterr().out
     assert main([*args, "--stages", "3"]) == 2
     assert "--stages=3" in capsys.readouterr().err
@@ -200,7 +229,7 @@ def test_profile_and_plan_check_the_model_before_timing_it(tmp_path, capsys):
 
 
 def test_cpu_processes_sharing_cores_wait_only_while_more_of_them_compute_than_cores():
-    prof, cfg = _profile(), _config(freeze="off", micro_batches=8)
+    prof, cfg = _profile(), _config(freeze="off", micro_batches=8, stages=4)
     # measured as one of 4 processes on 2 cores (each at half speed), planned on that machine
     prof4, shared = dataclasses.replace(prof, processes=4, cores=2), Hardware(4, cores=2, threads=1, **FREE)
     assert prof4.sharing == shared.oversubscription == 2 and Hardware(2, cores=2).oversubscription == 1
