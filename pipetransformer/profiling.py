@@ -43,15 +43,17 @@ RUN_PROFILE = "profile.json"  # in a run folder: what its automatic choices were
 BUSY_PARENT = "PIPETRANSFORMER_PROFILE_PARENT"  # a co-running copy's profile process
 
 
-def measure_profile(model: StagedModel, name: str, batch_sizes: Sequence[int], seq_len: int, device) -> Profile:
-    """The planner's profile of `model` on `device`: every unit timed at each batch size on
+def measure_profile(model: StagedModel, name: str, batch_sizes: Sequence[int], seq_len: int, device,
+                    names: set[str] | None = None) -> Profile:
+    """The planner's profile of `model` on `device`: every unit (of `names`, default all: a
+    share of the units, for processes that time the rest) timed at each batch size on
     synthetic rows of `seq_len` tokens (or pixels a side), with dropout on as in training,
     its sizes, and its parameters' optimizer step. Changes no weight and no RNG state."""
     device = torch.device(device)
     mode = model.hf_model.training
     model.hf_model.train()
     try:
-        seconds = [profile_units(model, synthetic_inputs(model, n, seq_len), device) for n in batch_sizes]
+        seconds = [profile_units(model, synthetic_inputs(model, n, seq_len), device, names) for n in batch_sizes]
         nbytes = _unit_bytes(model, synthetic_inputs(model, batch_sizes[-1], seq_len), device)
     finally:
         model.hf_model.train(mode)
@@ -61,7 +63,7 @@ def measure_profile(model: StagedModel, name: str, batch_sizes: Sequence[int], s
         nbytes[u.name][0] / rows, nbytes[u.name][1] / rows,
         tuple(s[u.name][1] for s in seconds),
         tuple(max(0.0, s[u.name][0] - s[u.name][1]) for s in seconds),  # (forward + backward) - forward
-        _update_seconds(u, device)) for u in model.units)
+        _update_seconds(u, device)) for u in model.units if names is None or u.name in names)
     cuda = device.type == "cuda"
     if cuda:
         props = torch.cuda.get_device_properties(device)
@@ -75,26 +77,37 @@ def measure_profile(model: StagedModel, name: str, batch_sizes: Sequence[int], s
 
 def run_profile(model: StagedModel, cfg: Config, rows: int, device, resumed: bool, log) -> Profile:
     """The profile a run's automatic choices (--stages auto, --micro-batches auto, --balance
-    time) are priced with. Rank 0 times the units at `rows` rows and a quarter of that
-    (measure_profile) and writes it to the run folder's profile.json; a resumed or restarted
-    run reads that file back, so its choices stay the run's. Every rank gets rank 0's. Collective."""
+    time) are priced with: the units timed at `rows` rows and a quarter of that
+    (measure_profile), each process timing its share of them at once (as training runs them
+    side by side), written by rank 0 to the run folder's profile.json. A resumed or restarted
+    run reads that file back, so its choices stay the run's. Every rank gets the same. Collective."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    path = Path(cfg.run_dir) / RUN_PROFILE
+    found = [resumed and path.is_file()] if rank == 0 else [None]
+    dist.broadcast_object_list(found, src=0)
     box: list[Profile | None] = [None]
-    if dist.get_rank() == 0:
-        path = Path(cfg.run_dir) / RUN_PROFILE
-        if resumed and path.is_file():
+    if found[0]:
+        if rank == 0:
             box = [read_profile(path)]
             log(f"automatic choices priced with {path} (timed when the run started)")
-        else:
-            if not resumed:  # what Recorder.start checks, before this writes into the folder
-                refuse_used_run_dir(path.parent)
-            began = time.perf_counter()
-            side = cfg.model.max_length if model.modality == "text" else cfg.data.image_size
-            profile = measure_profile(model, cfg.model.model, sorted({max(1, rows // 4), rows}), side, device)
-            profile = dataclasses.replace(profile, cores=usable_cores())
+    else:
+        if rank == 0 and not resumed:  # what Recorder.start checks, before this writes into the folder
+            refuse_used_run_dir(path.parent)
+        began = time.perf_counter()
+        side = cfg.model.max_length if model.modality == "text" else cfg.data.image_size
+        mine = {u.name for i, u in enumerate(model.units) if i % world == rank}
+        part = measure_profile(model, cfg.model.model, sorted({max(1, rows // 4), rows}), side, device, mine)
+        parts: list = [None] * world
+        dist.all_gather_object(parts, part.units)
+        timed = {u.name: u for units in parts for u in units}
+        if rank == 0:
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # the processes sharing this machine's cores
+            profile = dataclasses.replace(part, units=tuple(timed[u.name] for u in model.units), processes=local,
+                                          cores=usable_cores())
             write_profile(profile, path)
             box = [profile]
-            log(f"timed {len(model.units)} units in {time.perf_counter() - began:.1f} s for the automatic "
-                f"choices: {path} (`pipetransformer plan --profile` reads it)")
+            log(f"timed {len(model.units)} units on {world} process(es) in {time.perf_counter() - began:.1f} s "
+                f"for the automatic choices: {path} (`pipetransformer plan --profile` reads it)")
     dist.broadcast_object_list(box, src=0)
     assert box[0] is not None
     return box[0]

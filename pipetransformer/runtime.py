@@ -223,10 +223,12 @@ def clip_grad_norm(rt: Runtime, max_norm: float, comm_device: torch.device) -> N
         torch._foreach_mul_(grads, coef.to(grads[0].device, grads[0].dtype).squeeze())
 
 
-def profile_units(model: StagedModel, inputs: tuple, device) -> dict[str, tuple[float, float]]:
-    """Per unit, the best-of-3 seconds of (forward + backward, forward alone) on `inputs`,
-    unit after unit on `device`, as training runs them (bf16 autocast on CUDA). The RNG
-    state is restored and gradients cleared, so profiling changes no result."""
+def profile_units(model: StagedModel, inputs: tuple, device, names: set[str] | None = None
+                  ) -> dict[str, tuple[float, float]]:
+    """Per unit (of `names`, default all; the others only pass their output on), the
+    best-of-3 seconds of (forward + backward, forward alone) on `inputs`, unit after unit on
+    `device`, as training runs them (bf16 autocast on CUDA). The RNG state is restored and
+    gradients cleared, so profiling changes no result."""
     device = torch.device(device)
     out = {}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -242,8 +244,9 @@ def profile_units(model: StagedModel, inputs: tuple, device) -> dict[str, tuple[
                 if backward:
                     y.float().sum().backward()
                 return y
-            out[unit.name] = (best_seconds(lambda: run(True), device, grad=True),
-                              best_seconds(lambda: run(False), device))
+            if names is None or unit.name in names:
+                out[unit.name] = (best_seconds(lambda: run(True), device, grad=True),
+                                  best_seconds(lambda: run(False), device))
             for p in unit.module.parameters():
                 p.grad = None
             with torch.no_grad():
