@@ -19,8 +19,9 @@ import torch
 
 from pipetransformer import Config, Trainer, load_model
 from pipetransformer.config import apply_overrides
-from pipetransformer.data.dataset import load_data
+from pipetransformer.data.load import load_data
 from pipetransformer.data.sources import describe_data
+from pipetransformer.engine import freeze_to
 
 
 def main() -> None:
@@ -56,7 +57,7 @@ def main() -> None:
             trainer = Trainer(cfg, model=model, data=data, progress=False)
             try:
                 if k:
-                    trainer.freeze_to(k)
+                    freeze_to(trainer, k)
                 # two epochs each: the first of a new layout also builds its pipeline stage
                 first, second = trainer.train_epoch(0), trainer.train_epoch(1)
                 if mode == "off":

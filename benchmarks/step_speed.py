@@ -76,6 +76,7 @@ def pt_loop(hf_model, data, batch: int, length: int, steps: int, frozen: int, ca
     seconds of compiling and of the transition to `frozen` blocks."""
     from pipetransformer import Config, Trainer
     from pipetransformer.config import apply_overrides
+    from pipetransformer.engine import freeze_to
     from pipetransformer.models.loading import wrap_model
     model = wrap_model(hf_model)
     # model="minilm-l6" only names the run (fingerprint); the model object is the one timed
@@ -87,7 +88,7 @@ def pt_loop(hf_model, data, batch: int, length: int, steps: int, frozen: int, ca
     try:
         setup_s = trainer._warm_up()
         if frozen:
-            setup_s += trainer.freeze_to(frozen)  # the transition, its compile included
+            setup_s += freeze_to(trainer, frozen)  # the transition, its compile included
         trainer.train_epoch(0)  # warm-up; with the cache on it fills the entries
         seconds = min(trainer.train_epoch(e)["epoch_seconds"] for e in (1, 2))
     finally:

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 __all__ = ["MODES", "RULES", "POLICIES", "PAPER", "FreezePolicy", "FreezeState", "converged_prefix", "decide",
-           "closed_form"]
+           "closed_form", "interval_alpha"]
 
 MODES = ("off", "schedule", "adaptive")
 RULES = ("through-min", "below-min")
@@ -50,6 +50,12 @@ class FreezeState:
 
 def _ceil(x: float) -> int:
     return math.ceil(x - _EPS)
+
+
+def interval_alpha(alpha: float, epochs: float) -> float:
+    """The cap's ratio for a decision interval of `epochs` epochs (--freeze-every), such that
+    the decisions of one epoch compound to `alpha`: 1 - (1 - alpha)^epochs."""
+    return alpha if epochs == 1 else 1.0 - (1.0 - alpha) ** epochs
 
 
 def closed_form(num_blocks: int, alpha: float, decisions: int) -> int:

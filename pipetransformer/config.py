@@ -148,7 +148,11 @@ class FreezeConfig:
                      "(k_T = ceil(L(1-(1-alpha)^T))); adaptive: the paper's rule, cap and "
                      "gradient-norm term", MODES)
     alpha: float = _f(1 / 3, "freeze ratio: at most this share of the still active blocks "
-                      "freezes at each decision")
+                      "freezes per epoch (at each decision when they come once an epoch)")
+    freeze_every: int = _f(0, "optimizer steps between freeze decisions, counted over the whole run, "
+                           "with the transition they ask for inside the epoch; the alpha cap is shared "
+                           "out so that an epoch's decisions together allow alpha (0: one decision at "
+                           "each epoch's end, the paper's interval)")
     freeze_rule: str = _f("through-min", "adaptive only: through-min freezes up to and including "
                           "the active block with the smallest gradient norm (at least one block per "
                           "decision); below-min is the paper's formula as printed, freezing only the "
@@ -174,6 +178,8 @@ class FreezeConfig:
             raise _bad("freeze_percentile", self.freeze_percentile, "use a percentile between 0 and 100")
         if not self.freeze_threshold > 0:
             raise _bad("freeze_threshold", self.freeze_threshold, "use a positive drift, e.g. 1.0")
+        if self.freeze_every < 0:
+            raise _bad("freeze_every", self.freeze_every, "use 0 (at each epoch's end) or a positive step count")
 
     def policy(self) -> FreezePolicy:
         return FreezePolicy(self.freeze_policy, self.freeze_rule, self.freeze_percentile, self.freeze_threshold)
@@ -317,6 +323,10 @@ class Config:
             raise _bad("max_restarts", p.max_restarts, "a restart continues from the last checkpoint and "
                        "checkpoints are off (--keep-checkpoints 0); keep at least 1 or use --max-restarts 0")
         self.start_stage_choices(world, facts)
+        if self.freeze.freeze_every and p.batch_policy == "per-replica":
+            raise _bad("freeze_every", self.freeze.freeze_every, "with --batch-policy per-replica a transition "
+                       "changes the global batch, so decisions come only at epoch ends; use --freeze-every 0 "
+                       "or --batch-policy constant")
         if facts.train_rows < t.batch_size:
             raise _bad("batch_size", t.batch_size, f"it is larger than the training set "
                        f"({facts.train_rows} samples); lower it or use more --train-samples")

@@ -15,6 +15,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,7 +25,7 @@ from . import checkpoint, distributed
 from .autocache.cache import AutoCache
 from .autodp import Layout, dropout_seed, lr_scale, ramped, replica_rows
 from .autodp.groups import Topology, average_gradients
-from .autofreeze import FreezeState
+from .autofreeze import FreezeState, interval_alpha
 from .autopipe import next_stage_count
 from .config import AUTO, Config, RunFacts, apply_overrides
 from .costs import local_hardware
@@ -46,7 +47,7 @@ from .runtime import RuntimeEnv, build_runtime, clip_grad_norm, unit_costs
 from .stopping import raise_if_stopping
 from .transition import apply, gather_weights
 
-__all__ = ["Trainer", "fine_tune", "lr_factor"]
+__all__ = ["Trainer", "fine_tune", "freeze_to", "lr_factor"]
 
 
 def lr_factor(progress: float, warmup_ratio: float) -> float:
@@ -127,7 +128,7 @@ class Trainer:
         given = None if data is None else f"in memory: {len(self.train_data)} train / {len(self.val_data)} val rows"
         self.fingerprint = checkpoint.fingerprint(cfg, self.train_data.label_names, model.num_blocks, model.task,
                                                   data_cache, model_config, given)
-        self.epoch, self.first_step, self.partial = 0, 0, dict[str, list]()
+        self.epoch, self.first_step, self.partial = 0, 0, dict[str, Any]()
         self.resumed, found = resume, checkpoint.latest(self.recorder.run_dir) if resume else None
         if found is None:
             if resume:  # the launcher refused this if epochs were done: nothing is lost
@@ -170,37 +171,25 @@ class Trainer:
 
     # --- the run ---------------------------------------------------------------------------
     def fit(self) -> list[dict]:
-        cfg, log = self.cfg, self.recorder.log
-        self.recorder.start(self.resumed, self.records, [
-            f"pipetransformer: {len(self.train_data)} train / {len(self.val_data)} val samples, "
-            f"{self.model.num_blocks} blocks, {self.world} process(es), device {self.device.type}, "
-            f"layout {self.rt.layout} ({self.rt.plan.units_per_stage()} units per stage), "
-            f"freeze={cfg.freeze.freeze} alpha={cfg.freeze.alpha:.3g}", self.cache.warning()])
+        cfg = self.cfg
+        self.recorder.start(self.resumed, self.records, [_header(self), self.cache.warning()])
         fit_start = time.perf_counter()
         compile_seconds = self._warm_up()  # this epoch's record carries it
         for epoch in range(self.epoch, cfg.train.epochs):
             self.epoch = epoch
-            p = self.rt.plan
-            rec: dict = {"epoch": epoch + 1, "frozen_layers": p.frozen, "total_layers": self.model.num_blocks,
-                         "stages": p.layout.stages, "replicas": p.layout.replicas, "micro_batches": p.micro_batches}
-            rec.update(self.train_epoch(epoch))
+            rec: dict = {"epoch": epoch + 1, **self.train_epoch(epoch)}
             rec.update(self.evaluate())
-            rec["transition_seconds"] = rec["cache_seconds"] = 0.0
-            rec["compile_seconds"], compile_seconds = compile_seconds, 0.0
-            if epoch + 1 < cfg.train.epochs:
-                fc = cfg.freeze
-                frozen = decide_across_world(self.freeze, self.meter, fc.alpha, fc.freeze, self.comm_device,
-                                             self.policy)
-                rec["decision"] = self.freeze.last
-                new = next_plan(self.plans, p, frozen)
-                if (new.frozen, new.layout) != (p.frozen, p.layout):
-                    seconds = self._transition(new)
-                    rec["compile_seconds"] += seconds.pop("compile_seconds")
-                    rec.update(seconds)
-                    log(f"transition after epoch {epoch + 1}: frozen {p.frozen} -> {frozen} "
-                        f"of {self.model.num_blocks} blocks, layout {p.layout} -> {new.layout}, "
-                        f"{new.units_per_stage()} active units per stage "
-                        f"({rec['transition_seconds']:.2f} s)")
+            within = rec.get("decisions_within", [])
+            for key in ("transition_seconds", "cache_seconds", "compile_seconds"):
+                rec[key] = sum(d.get(key, 0.0) for d in within)
+            rec["compile_seconds"] += compile_seconds
+            compile_seconds = 0.0
+            every = cfg.freeze.freeze_every
+            if epoch + 1 < cfg.train.epochs and (not every or self._global_step() % every == 0):
+                decided = self._decide(f"after epoch {epoch + 1}", every / rec["steps"] if every else 1.0)
+                rec["decision"] = decided.pop("decision")
+                for key in ("transition_seconds", "cache_seconds", "compile_seconds"):
+                    rec[key] += decided.get(key, 0.0)
             rec["frozen_after"] = self.freeze.frozen
             self.records.append(rec)
             self.recorder.epoch(rec)
@@ -209,6 +198,23 @@ class Trainer:
         self.recorder.finish(self.model, self.records, time.perf_counter() - fit_start, self.rt.layout)
         dist.barrier()
         return self.records
+
+    def _global_step(self) -> int:
+        return self.samples_seen // (self.rt.plan.replica_batch * self.rt.layout.replicas)
+
+    def _decide(self, where: str, epochs: float) -> dict:
+        """One AutoFreeze decision over the interval just ended (`epochs` long: its share of
+        the alpha cap) and the transition it asks for; the decision and the transition's
+        seconds. Collective."""
+        fc, p = self.cfg.freeze, self.rt.plan
+        frozen = decide_across_world(self.freeze, self.meter, interval_alpha(fc.alpha, epochs), fc.freeze,
+                                     self.comm_device, self.policy)
+        out: dict = {"decision": self.freeze.last}
+        new = next_plan(self.plans, p, frozen)
+        if (new.frozen, new.layout) != (p.frozen, p.layout):
+            out.update(self._transition(new))
+            self.recorder.transition(where, p, new, self.model.num_blocks, out["transition_seconds"])
+        return out
 
     def _transition(self, new: TransitionPlan) -> dict[str, float]:
         scale = self.lr.scale(self.rt.plan, self.samples_seen)
@@ -225,72 +231,69 @@ class Trainer:
             return 0.0
         return self.passes.warm_up(self.rt, self.train_data, self.val_data, self.recorder.log)
 
-    def freeze_to(self, frozen: int) -> float:
-        """Freeze by hand (benchmarks) along AutoFreeze's path; the transition's seconds."""
-        if not self.rt.frozen <= frozen <= self.model.num_blocks:
-            raise ValueError(f"frozen={frozen}: must lie in [{self.rt.frozen}, {self.model.num_blocks}] "
-                             f"(frozen blocks never thaw)")
-        self.freeze.frozen = frozen
-        self.meter.reset()  # the interval ends here, as at a decision: sums follow the old layout's shares
-        return self._transition(next_plan(self.plans, self.rt.plan, frozen))["transition_seconds"]
-
     # --- one epoch -------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict:
-        """One pass over the training data in the current layout (from the resumed step on, if
-        any); its measurements."""
-        rt, layout, every = self.rt, self.rt.layout, self.cfg.checkpoint.checkpoint_every
-        batch_size = rt.plan.replica_batch * layout.replicas
-        steps = self.sampler.steps(batch_size)
-        order = self.sampler.epoch_order(epoch)
+        """One pass over the training data (from the resumed step on, if any) with the
+        decisions --freeze-every puts inside it; the layout it started in, its measurements."""
+        every, fe = self.cfg.checkpoint.checkpoint_every, self.cfg.freeze.freeze_every
         first, done = (self.first_step, self.partial) if epoch == self.epoch else (0, {})
         self.first_step, self.partial = 0, {}
-        losses = []
+        p = self.rt.plan
+        head: dict = done.get("start") or {**_layout_fields(p), "total_layers": self.model.num_blocks}
+        within: list[dict] = list(done.get("within", []))
+        batch_size = p.replica_batch * p.layout.replicas  # an epoch's global batch (fixed: constant policy)
+        steps, order = self.sampler.steps(batch_size), self.sampler.epoch_order(epoch)
         bar = self.recorder.bar(steps, f"epoch {epoch + 1}/{self.cfg.train.epochs}", first)
-        prefetch = rt.is_first and self.cache.active(rt)
         self.cache.reset_counters()
-        start = time.perf_counter()
-        step_rows = [replica_rows(order, step, batch_size, rt.replica, layout.replicas) for step in range(steps)]
+        nxt = first
         try:
-            for step, (rows, batch) in zip(range(first, steps), self.loader(self.train_data, step_rows[first:])):
-                raise_if_stopping()
-                if prefetch and step + 1 < steps:  # read the next batch's entries during this step
-                    self.cache.prefetch(step_rows[step + 1])
-                losses.append(self._train_step(_augment(batch, rows, epoch, self.cfg, len(self.train_data))))
-                self.samples_seen += batch_size
-                if bar is not None:
-                    bar.update(1)
-                    if rt.is_last and (step % 10 == 0 or step + 1 == steps):  # reading the loss syncs
-                        lr = self.lr.at(rt.plan, self.samples_seen)
-                        bar.set_postfix(loss=f"{float(losses[-1]):.4f}", lr=f"{lr:.2e}")
-                if every and (step + 1) % every == 0 and step + 1 < steps:
-                    so_far = self._epoch_stats(done, losses, start, layout.replicas)
-                    _refuse_non_finite(so_far["step_losses"], epoch, steps)  # never checkpoint NaN weights
-                    self._checkpoint(epoch, step + 1, so_far)
+            while nxt < steps:  # one layout's run of steps; a transition inside the epoch starts the next
+                rt, losses, start = self.rt, list[torch.Tensor](), time.perf_counter()
+                prefetch = rt.is_first and self.cache.active(rt)
+                step_rows = [replica_rows(order, s, batch_size, rt.replica, rt.layout.replicas) for s in range(steps)]
+                batches = self.loader(self.train_data, step_rows[nxt:])
+                for step, (rows, batch) in zip(range(nxt, steps), batches):
+                    raise_if_stopping()
+                    if prefetch and step + 1 < steps:  # read the next batch's entries during this step
+                        self.cache.prefetch(step_rows[step + 1])
+                    losses.append(self._train_step(_augment(batch, rows, epoch, self.cfg, len(self.train_data))))
+                    self.samples_seen, nxt = self.samples_seen + batch_size, step + 1
+                    if bar is not None:
+                        bar.update(1)
+                        if rt.is_last and (step % 10 == 0 or nxt == steps):  # reading the loss syncs
+                            bar.set_postfix(loss=f"{float(losses[-1]):.4f}",
+                                            lr=f"{self.lr.at(rt.plan, self.samples_seen):.2e}")
+                    decide = fe and nxt < steps and self._global_step() % fe == 0
+                    save = every and nxt % every == 0 and nxt < steps
+                    if decide or save:  # the epoch so far into `done`
+                        done = {**_epoch_stats(done, losses, start, rt.layout.replicas, self.cache,
+                                               self.comm_device), "start": head}
+                        losses = []
+                        self.cache.reset_counters()
+                        _refuse_non_finite(done["step_losses"], epoch, steps)  # never decide or save on NaN
+                    if decide:  # before the checkpoint: a resume at `nxt` does not decide again
+                        decided = self._decide(f"at epoch {epoch + 1}, step {nxt}", fe / steps)
+                        within.append({"step": nxt, **decided, **_layout_fields(self.rt.plan)})
+                    if save:
+                        self._checkpoint(epoch, nxt, {**done, "within": within})
+                    start = start if not (decide or save) else time.perf_counter()  # transitions, saves: not training
+                    if self.rt is not rt:
+                        break
+                batches.close()  # its loader workers go now, not when collected
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
         finally:
             if bar is not None:
                 bar.close()  # also on errors: their line starts on a clean line
-        stats = self._epoch_stats(done, losses, start, layout.replicas)
+        stats = _epoch_stats(done, losses, start, self.rt.layout.replicas, self.cache, self.comm_device)
         seconds, step_losses = stats["seconds"], stats["step_losses"]
         _refuse_non_finite(step_losses, epoch, steps)
-        return {"cache_hits": stats["cache_hits"], "cache_bytes": stats["cache_bytes"],
+        return {**head, "cache_hits": stats["cache_hits"], "cache_bytes": stats["cache_bytes"],
                 "cache_tier": stats["cache_tier"],
                 "train_loss": float(torch.tensor(step_losses, dtype=torch.float64).mean()),
                 "step_losses": step_losses, "epoch_seconds": seconds,
-                "samples_per_second": steps * batch_size / seconds, "steps": steps}
-
-    def _epoch_stats(self, done: dict, losses: list[torch.Tensor], start: float, replicas: int) -> dict:
-        """The epoch so far, over every process (collective): per-step losses (averaged over
-        the global batch; only last stages hold losses, so a sum over the world is one over
-        replicas), seconds and cache hits, added to what a resumed epoch had `done`."""
-        local = torch.stack(losses).double().cpu()  # one copy from the device, not one per step
-        step_losses = distributed.sum_over_world(local, self.comm_device) / replicas
-        stats = self.cache.stats()
-        hits = distributed.sum_over_world(torch.tensor([float(stats["cache_hits"])]), self.comm_device)
-        return {**stats, "step_losses": done.get("step_losses", []) + step_losses.tolist(),
-                "seconds": done.get("seconds", 0.0) + time.perf_counter() - start,
-                "cache_hits": done.get("cache_hits", 0) + int(hits[0])}
+                "samples_per_second": steps * batch_size / seconds, "steps": steps,
+                **({"decisions_within": within} if fe else {})}
 
     def _train_step(self, batch: dict) -> torch.Tensor:
         """One optimizer step; the mean loss as a tensor (reading it would wait for the device)."""
@@ -346,6 +349,43 @@ def _plan_inputs(cfg: Config, model: StagedModel, world: int, facts: RunFacts, r
     rule = micro_batch_rule(profile, hardware, cfg, facts.train_rows) if auto_micro_batches else None
     return dataclasses.replace(inputs, units=profile.unit_costs(pc.balance == "time"), start_stages=stages,
                                choose_micro_batches=rule)
+
+
+def _header(t: Trainer) -> str:
+    return (f"pipetransformer: {len(t.train_data)} train / {len(t.val_data)} val samples, {t.model.num_blocks} "
+            f"blocks, {t.world} process(es), device {t.device.type}, layout {t.rt.layout} "
+            f"({t.rt.plan.units_per_stage()} units per stage), freeze={t.cfg.freeze.freeze} "
+            f"alpha={t.cfg.freeze.alpha:.3g}" + (f", decisions every {t.cfg.freeze.freeze_every} steps"
+                                                 if t.cfg.freeze.freeze_every else ""))
+
+
+def freeze_to(trainer: Trainer, frozen: int) -> float:
+    """Freeze by hand (benchmarks) along AutoFreeze's path; the transition's seconds."""
+    if not trainer.rt.frozen <= frozen <= trainer.model.num_blocks:
+        raise ValueError(f"frozen={frozen}: must lie in [{trainer.rt.frozen}, {trainer.model.num_blocks}] "
+                         f"(frozen blocks never thaw)")
+    trainer.freeze.frozen = frozen
+    trainer.meter.reset()  # the interval ends here, as at a decision: sums follow the old layout's shares
+    return trainer._transition(next_plan(trainer.plans, trainer.rt.plan, frozen))["transition_seconds"]
+
+
+def _layout_fields(p: TransitionPlan) -> dict:
+    return {"frozen_layers": p.frozen, "stages": p.layout.stages, "replicas": p.layout.replicas,
+            "micro_batches": p.micro_batches}
+
+
+def _epoch_stats(done: dict, losses: list[torch.Tensor], start: float, replicas: int, cache: AutoCache,
+                 comm_device: torch.device) -> dict:
+    """The epoch so far, over every process (collective): per-step losses (averaged over the
+    global batch; only last stages hold losses, so a sum over the world is one over replicas),
+    seconds and cache hits, added to what the epoch had `done` before (a resume, a layout)."""
+    local = torch.stack(losses).double().cpu() if losses else torch.zeros(0, dtype=torch.float64)
+    step_losses = distributed.sum_over_world(local, comm_device) / replicas  # one copy from the device
+    stats = cache.stats()
+    hits = distributed.sum_over_world(torch.tensor([float(stats["cache_hits"])]), comm_device)
+    return {**stats, "step_losses": done.get("step_losses", []) + step_losses.tolist(),
+            "seconds": done.get("seconds", 0.0) + time.perf_counter() - start,
+            "cache_hits": done.get("cache_hits", 0) + int(hits[0])}
 
 
 def _augment(batch: dict, rows: torch.Tensor, epoch: int, cfg: Config, samples: int) -> dict:

@@ -47,6 +47,12 @@ class Recorder:
             if line:
                 self.log(line)
 
+    def transition(self, where: str, old, new, blocks: int, seconds: float) -> None:
+        """The log line of a transition from plan `old` to plan `new` (layouts.TransitionPlan)."""
+        self.log(f"transition {where}: frozen {old.frozen} -> {new.frozen} of {blocks} blocks, "
+                 f"layout {old.layout} -> {new.layout}, {new.units_per_stage()} active units per stage "
+                 f"({seconds:.2f} s)")
+
     def bar(self, total: int, desc: str, initial: int = 0):
         if not self.progress:
             return None
@@ -165,12 +171,27 @@ def plot_metrics(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _decision_points(records: list[dict]) -> list[tuple[str, dict, int, str]]:
+    """(label, decision, blocks frozen before it, layout after it) of each decision in order:
+    those --freeze-every made inside an epoch, then the one at its end."""
+    points, by_epoch = [], {r["epoch"]: r for r in records}
+    for r in records:
+        frozen = r["frozen_layers"]
+        for d in r.get("decisions_within", []):
+            points.append((f"{r['epoch']}:{d['step']}", d["decision"], frozen, f"{d['stages']}x{d['replicas']}"))
+            frozen = d["decision"]["frozen"]
+        if "decision" in r:
+            n = by_epoch.get(r["epoch"] + 1)
+            points.append((f"after {r['epoch']}", r["decision"], frozen, f"{n['stages']}x{n['replicas']}" if n else ""))
+    return points
+
+
 def plot_freeze_timeline(records: list[dict], path: Path) -> bool:
     """Blocks x decisions: each cell coloured by the decision's per-block statistic (scaled to
     the largest active block's; grey: frozen before it), the frozen boundary after each
-    decision, the alpha cap, and the layout the next epoch ran. False (nothing drawn) for a
-    run without decisions."""
-    decisions = [(r["epoch"], r["decision"], r) for r in records if "decision" in r]
+    decision, the alpha cap, and the layout after it. False (nothing drawn) for a run
+    without decisions."""
+    decisions = _decision_points(records)
     if not decisions:
         return False
     import matplotlib
@@ -180,8 +201,7 @@ def plot_freeze_timeline(records: list[dict], path: Path) -> bool:
 
     blocks = records[0]["total_layers"]
     grid = np.full((blocks, len(decisions)), np.nan)
-    for j, (_, d, r) in enumerate(decisions):
-        before = r["frozen_layers"]
+    for j, (_, d, before, _) in enumerate(decisions):
         values = d.get("values")
         if values:
             active = np.asarray(values[before:], dtype=float)
@@ -192,18 +212,16 @@ def plot_freeze_timeline(records: list[dict], path: Path) -> bool:
     image = ax.imshow(grid, origin="lower", aspect="auto", cmap=cmap, vmin=0, vmax=1,
                       extent=(-0.5, len(decisions) - 0.5, -0.5, blocks - 0.5))
     x = np.arange(len(decisions))
-    ax.step(x, [d["frozen"] - 0.5 for _, d, _ in decisions], "r-", where="mid", lw=2,
+    ax.step(x, [d["frozen"] - 0.5 for _, d, _, _ in decisions], "r-", where="mid", lw=2,
             label="frozen boundary after the decision")
-    if any("cap" in d for _, d, _ in decisions):
-        ax.step(x, [d.get("cap", d["frozen"]) - 0.5 for _, d, _ in decisions], color="orange", ls="--",
+    if any("cap" in d for _, d, _, _ in decisions):
+        ax.step(x, [d.get("cap", d["frozen"]) - 0.5 for _, d, _, _ in decisions], color="orange", ls="--",
                 where="mid", lw=1.5, label="alpha cap")
-    by_epoch = {r["epoch"]: r for r in records}
-    layouts = [f"\n{n['stages']}x{n['replicas']}" if (n := by_epoch.get(e + 1)) else "" for e, _, _ in decisions]
-    ax.set_xticks(x, [f"after {e}{shown}" for (e, _, _), shown in zip(decisions, layouts)])
-    ax.set(xlabel="decision (after epoch; then the layout, stages x replicas)", ylabel="block",
-           yticks=range(blocks))
-    stat = next((d["statistic"] for _, d, _ in decisions if "statistic" in d), None)
-    policy = next((d["policy"] for _, d, _ in decisions if "policy" in d), None)
+    ax.set_xticks(x, [f"{label}\n{layout}" for label, _, _, layout in decisions])
+    ax.set(xlabel="decision (after epoch E, or at epoch:step; then the layout, stages x replicas)",
+           ylabel="block", yticks=range(blocks))
+    stat = next((d["statistic"] for _, d, _, _ in decisions if "statistic" in d), None)
+    policy = next((d["policy"] for _, d, _, _ in decisions if "policy" in d), None)
     label = f"{stat} / largest active (policy {policy})" if stat else "no statistic (freeze by schedule)"
     fig.colorbar(image, ax=ax, label=label)
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=7, frameon=False)

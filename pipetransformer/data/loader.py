@@ -5,7 +5,7 @@ device here, in the training process."""
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -50,7 +50,7 @@ class StepLoader:
     def __init__(self, workers: int, device: torch.device):
         self.workers, self.device = workers, device
 
-    def __call__(self, data: Dataset, steps: Sequence[torch.Tensor]) -> Iterator[tuple[torch.Tensor, dict]]:
+    def __call__(self, data: Dataset, steps: Sequence[torch.Tensor]) -> Generator[tuple[torch.Tensor, dict]]:
         """(rows, batch) for each step's rows in order, the batch's inputs on the device."""
         workers = min(self.workers, len(steps))
         # a generator of its own: the DataLoader draws its workers' seed from it, not from the

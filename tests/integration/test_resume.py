@@ -245,3 +245,36 @@ def test_automatic_layout_and_micro_batches_are_the_planners_and_a_resume_keeps_
     assert f"automatic choices priced with {stopped}/profile.json" in out.stdout
     assert [(r["stages"], r["replicas"], r["micro_batches"]) for r in _records(stopped)] == pipeline
     assert_same_end(two_processes, stopped, same_layouts=True)
+
+
+def _decisions(records):
+    return [(r["frozen_layers"], r["stages"], r["replicas"], r["frozen_after"],
+             [(d["step"], d["frozen_layers"], d["stages"], d["replicas"]) for d in r["decisions_within"]])
+            for r in records]
+
+
+def test_decisions_inside_epochs_equal_one_process_and_resume_after_a_transition_inside_one(tmp_path, tiny_bert,
+                                                                                            tiny_csv):
+    """--freeze-every 3 with 5 steps an epoch decides at global steps 3, 6, 9, 12, 15 (inside
+    epochs 1 to 3 and at epoch 3's end): the 2-process run re-lays out inside an epoch and
+    equals one process; a resume from the checkpoint after such a transition (epoch 1, step
+    4: the checkpoint's layout is not the epoch's first) equals the uninterrupted run."""
+    every = ["--freeze-every", "3", "--alpha", "0.5"]
+    one = _train(tmp_path / "one", tiny_bert, tiny_csv, "--nproc", "1", *every)
+    two = _train(tmp_path / "two", tiny_bert, tiny_csv, "--nproc", "2", *every)
+    records = _records(two)
+    assert [r["steps"] for r in records] == [5] * 4
+    within = [(r["epoch"], d["step"]) for r in records for d in r["decisions_within"]]
+    assert within == [(1, 3), (2, 1), (2, 4), (3, 2), (4, 3)]
+    assert ["decision" in r for r in records] == [False, False, True, False]  # global step 15 only
+    first = records[0]["decisions_within"][0]
+    assert records[0]["stages"] == 2 and first["frozen_layers"] > 0 and first["transition_seconds"] > 0
+    layouts = [(d["stages"], d["replicas"]) for r in records for d in r["decisions_within"]]
+    assert (1, 2) in layouts  # compressed inside an epoch
+    assert_same_end(one, two)
+    stopped, (epoch, step) = _stopped_copy(two, tmp_path / "run", 1)
+    assert (epoch, step) == (0, 4)
+    out = run_command("train", "--resume", str(stopped), "--nproc", "2")
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert _decisions(_records(stopped)) == _decisions(records)  # the epoch's start, the decisions in it
+    assert_same_end(two, stopped, same_layouts=True)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from pipetransformer.autofreeze import FreezePolicy, FreezeState, closed_form, converged_prefix, decide
+from pipetransformer.autofreeze import FreezePolicy, FreezeState, closed_form, converged_prefix, decide, interval_alpha
 from pipetransformer.freeze_stats import BlockMeter, block_statistic, meter_shard
 
 # the closed form k_T = ceil(L (1 - (1 - alpha)^T)) for L = 12, worked out by hand
@@ -20,6 +20,19 @@ def test_schedule_mode_reproduces_the_closed_form(alpha):
     seq = [0] + [decide(state, alpha, "schedule") for _ in range(len(CLOSED_FORM[alpha]) - 1)]
     assert seq == CLOSED_FORM[alpha]
     assert [closed_form(12, alpha, t) for t in range(len(seq))] == CLOSED_FORM[alpha]
+
+
+@pytest.mark.parametrize("blocks, alpha, per_epoch", [(6, 1 / 3, 4), (12, 0.2, 3), (8, 0.5, 7)])
+def test_decisions_inside_epochs_share_the_cap_so_an_epoch_allows_alpha(blocks, alpha, per_epoch):
+    """--freeze-every: `per_epoch` decisions of interval_alpha(alpha, 1/per_epoch) compound to one
+    of alpha, so each epoch's end sees the closed form, and in between the cap rises in steps."""
+    state, seen = FreezeState(blocks), []
+    for decision in range(1, 5 * per_epoch + 1):
+        seen.append(decide(state, interval_alpha(alpha, 1 / per_epoch), "schedule"))
+        if decision % per_epoch == 0:
+            assert state.frozen == closed_form(blocks, alpha, decision // per_epoch)
+    assert seen == sorted(seen) and len(set(seen[:per_epoch])) > 1  # it moved inside the first epoch
+    assert interval_alpha(alpha, 1.0) == alpha  # one decision an epoch: the paper's ratio itself
 
 
 @pytest.mark.parametrize("num_blocks", [6, 12, 24])

@@ -128,6 +128,8 @@ def _validate(world=4, facts=FACTS, **sections):
     (1, {"train": {"batch_size": 2048}}, ["--batch-size=2048", "larger than the training set (1000"]),
     (1, {"model": {"max_length": 1024}}, ["--max-length=1024", "512 positions"]),
     (1, {"data": {"augment": "crop-flip"}}, ["--augment='crop-flip'", "image models"]),
+    (2, {"freeze": {"freeze_every": 4}, "parallel": {"batch_policy": "per-replica"}},
+     ["--freeze-every=4", "per-replica", "use --freeze-every 0 or --batch-policy constant"]),
 ])
 def test_cross_field_checks_name_the_field_value_and_fix(world, sections, words):
     with pytest.raises(ConfigError) as e:

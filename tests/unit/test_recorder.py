@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import matplotlib.image
 
-from pipetransformer.recorder import plot_freeze_timeline
+from pipetransformer.recorder import _decision_points, plot_freeze_timeline
 
 
 def _record(epoch: int, frozen: int, decision: dict | None, layout=(2, 1)) -> dict:
@@ -30,3 +30,13 @@ def test_the_timeline_draws_each_decision_and_nothing_without_one(tmp_path):
     # a schedule run: decisions without a statistic still show the boundary and the layouts
     schedule = [_record(1, 0, {"cap": 3, "frozen": 3}), _record(2, 3, None, (1, 2))]
     assert plot_freeze_timeline(schedule, tmp_path / "schedule.png")
+
+
+def test_decisions_inside_an_epoch_come_before_its_end_each_from_the_count_before_it(tmp_path):
+    first = _record(1, 0, {"cap": 3, "frozen": 3})
+    first["decisions_within"] = [{"step": 2, "decision": {"cap": 1, "frozen": 1}, "stages": 2, "replicas": 1},
+                                 {"step": 4, "decision": {"cap": 2, "frozen": 2}, "stages": 1, "replicas": 2}]
+    records = [first, _record(2, 3, None, (1, 2))]
+    assert [(label, before, layout) for label, _, before, layout in _decision_points(records)] == [
+        ("1:2", 0, "2x1"), ("1:4", 1, "1x2"), ("after 1", 2, "1x2")]
+    assert plot_freeze_timeline(records, tmp_path / "within.png")
