@@ -21,7 +21,7 @@ from conftest import assert_same_training, run_command, with_flags
 
 pytestmark = pytest.mark.integration
 
-COMMON = ["--freeze", "schedule", "--alpha", "0.5", "--epochs", "3", "--batch-size", "32",
+COMMON = ["--stages", "all", "--freeze", "schedule", "--alpha", "0.5", "--epochs", "3", "--batch-size", "32",
           "--train-samples", "0", "--max-length", "16", "--dropout", "off", "--seed", "3",
           "--lr", "3e-3", "--cache", "on"]
 
