@@ -51,6 +51,8 @@ VARIANTS = {
     "d-autofreeze": Variant("d with --freeze-policy autofreeze (Liu et al. 2021)", {"freeze_policy": "autofreeze"}),
     "d-update-ratio": Variant("d with --freeze-policy update-ratio", {"freeze_policy": "update-ratio"}),
     "d-auto": Variant("d starting from the layout --stages auto prices fastest", {"stages": 0}),
+    "d-auto-every8": Variant("d-auto deciding every 8 steps (--freeze-every 8: 3 decisions an epoch on the default "
+                             "preset)", {"stages": 0, "freeze_every": 8}),
 }
 DEFAULT_ROWS = ("a1", "a2", "b", "c", "d")
 

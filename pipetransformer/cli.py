@@ -266,9 +266,15 @@ def _use_our_agent(nnodes: int, node_rank: int) -> None:
             super()._rendezvous(worker_group)
 
         def _restart_workers(self, worker_group) -> None:
-            if worker_group.state == WorkerState.HEALTHY and self._remaining_restarts > 0:
-                self._remaining_restarts -= 1  # another machine's failure restarts the run: one round for all
-            super()._restart_workers(worker_group)
+            elsewhere = worker_group.state == WorkerState.HEALTHY  # another machine's failure
+            if elsewhere and self._remaining_restarts > 0:
+                self._remaining_restarts -= 1  # restarts the run: one round for all
+            super()._restart_workers(worker_group)  # raises where the run ended meanwhile (a stop elsewhere)
+            limit = worker_group.spec.max_restarts
+            where = f"machine {node_rank}: " if nnodes > 1 else ""
+            print(f"{where}restarted the workers (restart {limit - self._remaining_restarts} of {limit}): a "
+                  f"worker {'on another machine' if elsewhere else 'here'} failed; they resume from the last "
+                  f"checkpoint", file=sys.stderr, flush=True)
 
         def run(self, role: str = DEFAULT_ROLE):
             try:

@@ -226,6 +226,7 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_with_the_same_result(
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert "resumed from" in out
+    assert "restarted the workers (restart 1 of 1): a worker here failed; they resume from the last checkpoint" in err
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == list(range(1, 7))
     ref_records = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]

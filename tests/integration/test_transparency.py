@@ -84,7 +84,7 @@ def test_fixed_layout_ablation_keeps_two_stages_and_the_same_math(tmp_path, tiny
 def test_stages_balanced_by_profiled_time_keep_the_same_math(tmp_path, tiny_bert, tiny_csv, reference):
     """Rank 0 profiles and every rank must place the units alike, or the run would hang."""
     got = _train(tmp_path / "run", tiny_bert, tiny_csv, "--nproc", "2", "--balance", "time")
-    assert "balance by time: 18 units profiled" in got[2]
+    assert "timed 18 units on 2 process(es)" in got[2]
     assert got[0][0]["stages"] == 2
     assert_same_training(reference, got)
 
