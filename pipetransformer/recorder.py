@@ -190,9 +190,9 @@ def plot_freeze_timeline(records: list[dict], path: Path) -> bool:
     """Blocks x decisions: each cell coloured by the decision's per-block statistic (scaled to
     the largest active block's; grey: frozen before it), the frozen boundary after each
     decision, the alpha cap, and the layout after it. False (nothing drawn) for a run
-    without decisions."""
+    without decisions, or whose decisions never could freeze (--freeze off: no cap)."""
     decisions = _decision_points(records)
-    if not decisions:
+    if not any("cap" in d for _, d, _, _ in decisions):
         return False
     import matplotlib
     matplotlib.use("Agg")

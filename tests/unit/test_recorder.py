@@ -27,6 +27,8 @@ def test_the_timeline_draws_each_decision_and_nothing_without_one(tmp_path):
     assert width > 400 and height > 200
     assert not plot_freeze_timeline([_record(1, 0, None)], tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
+    off = [_record(1, 0, {"frozen": 0}), _record(2, 0, None)]  # --freeze off decides nothing worth a picture
+    assert not plot_freeze_timeline(off, tmp_path / "off.png") and not (tmp_path / "off.png").exists()
     # a schedule run: decisions without a statistic still show the boundary and the layouts
     schedule = [_record(1, 0, {"cap": 3, "frozen": 3}), _record(2, 3, None, (1, 2))]
     assert plot_freeze_timeline(schedule, tmp_path / "schedule.png")
