@@ -96,7 +96,10 @@ def run_profile(model: StagedModel, cfg: Config, rows: int, device, resumed: boo
         began = time.perf_counter()
         side = cfg.model.max_length if model.modality == "text" else cfg.data.image_size
         mine = {u.name for i, u in enumerate(model.units) if i % world == rank}
+        placed = [next(u.module.parameters()).device for u in model.units]
         part = measure_profile(model, cfg.model.model, sorted({max(1, rows // 4), rows}), side, device, mine)
+        for unit, where in zip(model.units, placed):  # timing moved every unit to this GPU: back they go
+            unit.module.to(where)
         parts: list = [None] * world
         dist.all_gather_object(parts, part.units)
         timed = {u.name: u for units in parts for u in units}
