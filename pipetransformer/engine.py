@@ -179,17 +179,15 @@ class Trainer:
             self.epoch = epoch
             rec: dict = {"epoch": epoch + 1, **self.train_epoch(epoch)}
             rec.update(self.evaluate())
-            within = rec.get("decisions_within", [])
-            for key in ("transition_seconds", "cache_seconds", "compile_seconds"):
-                rec[key] = sum(d.get(key, 0.0) for d in within)
-            rec["compile_seconds"] += compile_seconds
-            compile_seconds = 0.0
+            decided = list(rec.get("decisions_within", []))  # and the epoch end's: their seconds add up
             every = cfg.freeze.freeze_every
             if epoch + 1 < cfg.train.epochs and (not every or self._global_step() % every == 0):
-                decided = self._decide(f"after epoch {epoch + 1}", every / rec["steps"] if every else 1.0)
-                rec["decision"] = decided.pop("decision")
-                for key in ("transition_seconds", "cache_seconds", "compile_seconds"):
-                    rec[key] += decided.get(key, 0.0)
+                decided.append(self._decide(f"after epoch {epoch + 1}", every / rec["steps"] if every else 1.0))
+                rec["decision"] = decided[-1]["decision"]
+            for key in ("transition_seconds", "cache_seconds", "compile_seconds"):
+                rec[key] = sum(d.get(key, 0.0) for d in decided)
+            rec["compile_seconds"] += compile_seconds
+            compile_seconds = 0.0
             rec["frozen_after"] = self.freeze.frozen
             self.records.append(rec)
             self.recorder.epoch(rec)

@@ -29,6 +29,7 @@ from .config import Config
 from .costs import Profile, UnitProfile, read_profile, threads_per_process, usable_cores, write_profile
 from .data.sources import describe_data
 from .distributed import device_for
+from .errors import ConfigError
 from .models.base import StagedModel, Unit
 from .models.loading import load_model
 from .recorder import refuse_used_run_dir
@@ -54,7 +55,7 @@ def measure_profile(model: StagedModel, name: str, batch_sizes: Sequence[int], s
     model.hf_model.train()
     try:
         seconds = [profile_units(model, synthetic_inputs(model, n, seq_len), device, names) for n in batch_sizes]
-        nbytes = _unit_bytes(model, synthetic_inputs(model, batch_sizes[-1], seq_len), device)
+        nbytes = _unit_bytes(model, synthetic_inputs(model, batch_sizes[-1], seq_len), device, names)
     finally:
         model.hf_model.train(mode)
     rows = batch_sizes[-1]
@@ -83,16 +84,23 @@ def run_profile(model: StagedModel, cfg: Config, rows: int, device, resumed: boo
     run reads that file back, so its choices stay the run's. Every rank gets the same. Collective."""
     rank, world = dist.get_rank(), dist.get_world_size()
     path = Path(cfg.run_dir) / RUN_PROFILE
-    found = [resumed and path.is_file()] if rank == 0 else [None]
+    found: list = [None, None]
+    if rank == 0:
+        found[0] = resumed and path.is_file()
+        try:
+            if not resumed:  # what Recorder.start checks, before this writes into the folder
+                refuse_used_run_dir(path.parent)
+        except ConfigError as e:
+            found[1] = str(e)
     dist.broadcast_object_list(found, src=0)
+    if found[1]:  # every rank stops with it, none waits for rank 0 in a collective
+        raise ConfigError(found[1])
     box: list[Profile | None] = [None]
     if found[0]:
         if rank == 0:
             box = [read_profile(path)]
             log(f"automatic choices priced with {path} (timed when the run started)")
     else:
-        if rank == 0 and not resumed:  # what Recorder.start checks, before this writes into the folder
-            refuse_used_run_dir(path.parent)
         began = time.perf_counter()
         side = cfg.model.max_length if model.modality == "text" else cfg.data.image_size
         mine = {u.name for i, u in enumerate(model.units) if i % world == rank}
@@ -127,14 +135,21 @@ def synthetic_inputs(model: StagedModel, rows: int, seq_len: int) -> tuple:
     return model.inputs({"pixel_values": torch.randn(rows, 3, seq_len, seq_len, generator=g)})
 
 
-def _unit_bytes(model: StagedModel, inputs: tuple, device: torch.device) -> dict[str, tuple[int, int]]:
-    """Per unit, the bytes of its output and of the activations autograd keeps for its
-    backward pass, for the whole batch (units run in order, as training runs them)."""
+def _unit_bytes(model: StagedModel, inputs: tuple, device: torch.device,
+                names: set[str] | None = None) -> dict[str, tuple[int, int]]:
+    """Per unit (of `names`, default all; the others only pass their output on), the bytes of
+    its output and of the activations autograd keeps for its backward pass, for the whole
+    batch (units run in order, as training runs them)."""
     out = {}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         x, *extras = [t.to(device) for t in inputs]
         for unit in model.units:
             seq = UnitSequence([unit], device)
+            if names is not None and unit.name not in names:
+                with torch.no_grad():
+                    y = seq(x, *extras)
+                x = (y if torch.is_tensor(y) else y[0]).detach()
+                continue
             inp = x.detach().requires_grad_(x.is_floating_point())
             y, saved = _forward_saving(seq, (inp, *extras), {p.untyped_storage().data_ptr()
                                                               for p in unit.module.parameters()})
