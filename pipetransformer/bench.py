@@ -29,7 +29,8 @@ from .planner import simulate
 from .recorder import primary_metric, write_atomically
 from .stopping import die_with_parent, end_children
 
-__all__ = ["Variant", "VARIANTS", "DEFAULT_ROWS", "Preset", "PRESETS", "TARGET_MARGIN", "elapsed", "train_seconds",
+__all__ = ["Variant", "VARIANTS", "Targets", "Preset", "PRESETS", "parse_row", "describe_row", "expand_rows",
+           "row_configs", "pareto_frontier", "elapsed", "train_seconds",
            "mean_curve", "time_to_target", "summarize", "format_table", "markdown_table", "check_targets",
            "format_predictions", "plot_bench", "run_bench"]
 
@@ -38,44 +39,92 @@ __all__ = ["Variant", "VARIANTS", "DEFAULT_ROWS", "Preset", "PRESETS", "TARGET_M
 class Variant:
     description: str
     overrides: dict
+    paper_start: bool = True  # one pipeline over all processes, where the paper's ablation starts
+    plain: bool = False       # no freezing: a baseline that the method must beat
 
 
 VARIANTS = {
-    "a1": Variant("fixed pipeline over all processes (GPipe), no freezing", {"freeze": "off", "elastic": False}),
-    "a2": Variant("data parallel, no freezing", {"freeze": "off", "stages": 1}),
+    "p1": Variant("plain: one process using every core, no freezing (on a CPU the fastest plain layout)",
+                  {"nproc": 1, "stages": 1, "freeze": "off", "cache": "off"}, paper_start=False, plain=True),
+    "a1": Variant("fixed pipeline over all processes (GPipe), no freezing", {"freeze": "off", "elastic": False},
+                  plain=True),
+    "a2": Variant("data parallel, no freezing", {"freeze": "off", "stages": 1}, plain=True),
     "b": Variant("freeze only, fixed layout", {"elastic": False, "cache": "off"}),
     "c": Variant("freeze + AutoPipe + AutoDP", {"cache": "off"}),
     "d": Variant("freeze + AutoPipe + AutoDP + AutoCache", {}),
     "d-through-min": Variant("d with --freeze-rule through-min", {"freeze_rule": "through-min"}),
     "d-below-min": Variant("d with --freeze-rule below-min (the paper's argmin)", {"freeze_rule": "below-min"}),
-    "d-autofreeze": Variant("d with --freeze-policy autofreeze (Liu et al. 2021)", {"freeze_policy": "autofreeze"}),
-    "d-update-ratio": Variant("d with --freeze-policy update-ratio", {"freeze_policy": "update-ratio"}),
-    "d-auto": Variant("d starting from the layout --stages auto prices fastest", {"stages": 0}),
+    "d-auto": Variant("the default run: d starting from the layout --stages auto prices fastest", {},
+                      paper_start=False),
     "d-auto-every8": Variant("d-auto deciding every 8 steps (--freeze-every 8: 3 decisions an epoch on the default "
-                             "preset)", {"stages": 0, "freeze_every": 8}),
+                             "preset)", {"freeze_every": 8}, paper_start=False),
+    "d-autofreeze": Variant("d-auto with --freeze-policy autofreeze (Liu et al. 2021)", {"freeze_policy": "autofreeze"},
+                            paper_start=False),
+    "d-update-ratio": Variant("d-auto with --freeze-policy update-ratio", {"freeze_policy": "update-ratio"},
+                              paper_start=False),
 }
-DEFAULT_ROWS = ("a1", "a2", "b", "c", "d")
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What the default freezing row must show (issues 10 and 17), passed to `check_targets`."""
+    row: str = "d-auto"
+    accuracy_gap: float = 0.003        # mean final accuracy at most this far under a2's (also the
+    #                                    time-to-accuracy target: a2's mean final minus this)
+    tta_speedup_over_a2: float = 1.5
+    tta_speedup_over_a1: float = 2.5
+    transition_share: float = 0.02     # of training time, the worst row
+
 
 @dataclass(frozen=True)
 class Preset:
     seeds: int
     config: dict
+    rows: tuple[str, ...]
+    train_less: str = ""  # this plain row also runs for 1..epochs-1 epochs, each with its own schedule
 
 
 # Sized on this project's 2-core CPU machine (2 processes, one thread each; about 10 s of each
-# run is starting processes and loading). small is a smoke test: few rows (12 steps, so a
-# larger learning rate to learn anything), and the alpha schedule so that every row's layout
-# is known (c and d end on 1 stage x 2 replicas). The default's 768 sentences keep its ten runs
-# within 30 minutes (1,024 took 36). No checkpoints: nothing resumes a bench's
-# run (an interrupted bench starts it over), and they would take 500 MB a run.
+# run is starting processes and loading). small is a smoke test: the paper's ablation rows (12
+# steps, so a larger learning rate to learn anything), and the alpha schedule so that every
+# row's layout is known (c and d end on 1 stage x 2 replicas). The default preset asks the
+# real question: each freeze policy from the default start against the fastest plain layout
+# and against a2 trained for fewer epochs, over 3 seeds (768 sentences: about 15 minutes a
+# seed). No checkpoints: nothing resumes a bench's run (an interrupted bench starts it over),
+# and they would take 500 MB a run.
 PRESETS = {
-    "default": Preset(2, {"model": "minilm-l6", "data": "rotten-tomatoes", "train_samples": 768, "eval_samples": 0,
-                          "max_length": 48, "epochs": 4, "batch_size": 32, "nproc": 2, "keep_checkpoints": 0}),
+    "default": Preset(3, {"model": "minilm-l6", "data": "rotten-tomatoes", "train_samples": 768, "eval_samples": 0,
+                          "max_length": 48, "epochs": 4, "batch_size": 32, "nproc": 2, "keep_checkpoints": 0},
+                      ("p1", "a1", "a2", "d-auto", "d-autofreeze", "d-update-ratio"), train_less="a2"),
     "small": Preset(1, {"model": "minilm-l6", "data": "rotten-tomatoes", "train_samples": 128, "eval_samples": 128,
                         "max_length": 32, "epochs": 3, "batch_size": 32, "lr": 1e-3, "nproc": 2,
-                        "freeze": "schedule", "alpha": 0.5, "keep_checkpoints": 0}),
+                        "freeze": "schedule", "alpha": 0.5, "keep_checkpoints": 0},
+                    ("a1", "a2", "b", "c", "d")),
 }
-TARGET_MARGIN = 0.003  # time to accuracy: a2's mean final accuracy minus 0.3 points
+
+
+def parse_row(row: str) -> tuple[str, int | None]:
+    """A row name: a variant, or VARIANT@E (trained for E epochs, with its own full learning-rate
+    schedule); raises ValueError for anything else."""
+    name, at, epochs = row.partition("@")
+    if name not in VARIANTS or (at and not (epochs.isdigit() and int(epochs) >= 1)):
+        raise ValueError(row)
+    return name, int(epochs) if at else None
+
+
+def describe_row(row: str) -> str:
+    name, epochs = parse_row(row)
+    return VARIANTS[name].description + ("" if epochs is None else f", trained for {epochs} epoch(s)")
+
+
+def expand_rows(rows: Sequence[str], train_less: str, epochs: int) -> list[str]:
+    """`rows` with `train_less`@1..epochs-1 after `train_less` (when it is one of them)."""
+    out = []
+    for row in rows:
+        out.append(row)
+        if row == train_less:
+            out += [f"{row}@{e}" for e in range(1, epochs) if f"{row}@{e}" not in rows]
+    return out
 
 
 # --- pure: runs -> rows ------------------------------------------------------------------
@@ -122,12 +171,48 @@ def _ratio(base: float | None, x: float | None) -> float | None:
     return base / x if base is not None and x else None
 
 
-def summarize(runs: dict[str, list[list[dict]]], totals: dict[str, list[float]]) -> dict:
+def _is_plain(row: str) -> bool:
+    """A full-length baseline without freezing (a1, a2, p1; not a2@E)."""
+    name, epochs = parse_row(row)
+    return VARIANTS[name].plain and epochs is None
+
+
+def _time_matched(rows: dict[str, dict], runs: dict[str, list[list[dict]]], name: str, family: str) -> dict | None:
+    """`family` (a2 and its a2@E rows) against row `name` at equal training time: the family
+    row whose training time is nearest, the per-seed final accuracy differences to it (name
+    minus it, seeds paired), and the family's mean accuracy interpolated at name's time."""
+    members = [n for n in rows if n == family or parse_row(n)[0] == family and parse_row(n)[1] is not None]
+    if not members or name in members:
+        return None
+    seconds = rows[name]["train_seconds"]
+    nearest = min(members, key=lambda n: abs(rows[n]["train_seconds"] - seconds))
+    diffs = [score(r[-1]) - score(b[-1]) for r, b in zip(runs[name], runs[nearest])]
+    gap, spread = _mean_std(diffs)
+    points = sorted((rows[n]["train_seconds"], rows[n]["final_accuracy"]) for n in members)
+    interpolated = next((a0 + (a1 - a0) * (seconds - t0) / (t1 - t0) for (t0, a0), (t1, a1) in zip(points, points[1:])
+                         if t0 <= seconds <= t1 and t1 > t0), None)
+    return {"baseline": nearest, "baseline_seconds": rows[nearest]["train_seconds"], "gap": gap, "gap_std": spread,
+            "seeds": len(diffs), "interpolated_accuracy": interpolated}
+
+
+def pareto_frontier(rows: dict[str, dict]) -> list[str]:
+    """The rows no other row beats in both training time and mean final accuracy, fastest first."""
+    out: list[str] = []
+    for name in sorted(rows, key=lambda n: (rows[n]["train_seconds"], -rows[n]["final_accuracy"])):
+        if not out or rows[name]["final_accuracy"] > rows[out[-1]]["final_accuracy"]:
+            out.append(name)
+    return out
+
+
+def summarize(runs: dict[str, list[list[dict]]], totals: dict[str, list[float]], margin: float = Targets.accuracy_gap,
+              train_less: str = "a2") -> dict:
     """Rows (one per configuration, in the order given) from each run's metrics records and
-    total seconds (summary.json), and the accuracy target (None without an a2 row)."""
+    total seconds (summary.json); the accuracy target (a2's mean final accuracy minus
+    `margin`; None without an a2 row); the fastest plain row; each freezing row against the
+    `train_less` family at equal training time; and the Pareto frontier."""
     target = None
     if "a2" in runs:
-        target = statistics.fmean(score(r[-1]) for r in runs["a2"]) - TARGET_MARGIN
+        target = statistics.fmean(score(r[-1]) for r in runs["a2"]) - margin
     rows: dict[str, dict[str, Any]] = {}
     for name, rs in runs.items():
         final, best = _mean_std([score(r[-1]) for r in rs]), _mean_std([max(score(x) for x in r)
@@ -144,12 +229,18 @@ def summarize(runs: dict[str, list[list[dict]]], totals: dict[str, list[float]])
             "frozen_layers": [[x["frozen_layers"] for x in r] for r in rs],  # per seed: adaptive may differ
             "layouts": [[f"{x['stages']}x{x['replicas']}" for x in r] for r in rs],
         }
-    for row in rows.values():
-        for base in ("a1", "a2"):
-            if base in rows:
-                row[f"speedup_over_{base}"] = _ratio(rows[base]["train_seconds"], row["train_seconds"])
-                row[f"tta_speedup_over_{base}"] = _ratio(rows[base]["time_to_target"], row["time_to_target"])
-    return {"target_accuracy": target, "rows": rows}
+    plain = [n for n in rows if _is_plain(n)]
+    fastest = min(plain, key=lambda n: rows[n]["train_seconds"]) if plain else None
+    for name, row in rows.items():
+        for base in ("a1", "a2", "fastest_plain"):
+            ref = fastest if base == "fastest_plain" else base
+            if ref in rows:
+                row[f"speedup_over_{base}"] = _ratio(rows[ref]["train_seconds"], row["train_seconds"])
+                row[f"tta_speedup_over_{base}"] = _ratio(rows[ref]["time_to_target"], row["time_to_target"])
+        if not VARIANTS[parse_row(name)[0]].plain:
+            row["time_matched"] = _time_matched(rows, runs, name, train_less)
+    return {"target_accuracy": target, "margin": margin, "fastest_plain": fastest, "frontier": pareto_frontier(rows),
+            "rows": rows}
 
 
 def _fmt(x: float | None, spec: str, none: str = "-") -> str:
@@ -157,7 +248,8 @@ def _fmt(x: float | None, spec: str, none: str = "-") -> str:
 
 
 _COLUMNS = ("config", "final acc %", "best acc %", "train s", "total s", "to target s", "transitions s (%)",
-            "vs a1 time", "vs a1 to target", "vs a2 time", "vs a2 to target", "frozen per epoch", "layout per epoch")
+            "vs a1 time", "vs a1 to target", "vs a2 time", "vs a2 to target", "vs plain to target",
+            "frozen per epoch", "layout per epoch")
 
 
 def _cells(name: str, row: dict) -> list[str]:
@@ -166,7 +258,8 @@ def _cells(name: str, row: dict) -> list[str]:
             f"{row['train_seconds']:.1f}", f"{row['total_seconds']:.1f}", _fmt(row["time_to_target"], ".1f", "never"),
             f"{row['transition_seconds']:.1f} ({100 * row['transition_share']:.1f})",
             *(_fmt(row.get(key), ".2f") + ("x" if row.get(key) else "")
-              for key in ("speedup_over_a1", "tta_speedup_over_a1", "speedup_over_a2", "tta_speedup_over_a2")),
+              for key in ("speedup_over_a1", "tta_speedup_over_a1", "speedup_over_a2", "tta_speedup_over_a2",
+                          "tta_speedup_over_fastest_plain")),
             _distinct([",".join(map(str, t)) for t in row["frozen_layers"]]),
             _distinct([",".join(t) for t in row["layouts"]])]
 
@@ -175,42 +268,69 @@ def _distinct(per_seed: list[str]) -> str:
     return " / ".join(dict.fromkeys(per_seed))
 
 
+def _notes(summary: dict) -> list[str]:
+    """The lines under the table: target, fastest plain row, frontier, equal-time comparisons."""
+    lines = []
+    if summary["target_accuracy"] is not None:
+        lines.append(f"target: {100 * summary['target_accuracy']:.2f} % (a2's mean final accuracy minus "
+                     f"{100 * summary['margin']:.1f} points); times are training time (epochs + transitions)")
+    if summary["fastest_plain"]:
+        lines.append(f"fastest plain layout: {summary['fastest_plain']}")
+    lines.append("Pareto frontier (training time against final accuracy): " + ", ".join(summary["frontier"]))
+    for name, row in summary["rows"].items():
+        m = row.get("time_matched")
+        if m:
+            lines.append(f"{name} against {m['baseline']} at about equal time ({row['train_seconds']:.1f} s against "
+                         f"{m['baseline_seconds']:.1f} s): {100 * m['gap']:+.2f} ± {100 * m['gap_std']:.2f} points "
+                         f"over {m['seeds']} paired seed(s)")
+    return lines
+
+
 def format_table(summary: dict) -> str:
-    """The table `bench` prints: rows a1, a2, b, c, d (as run), speedups in columns."""
+    """The table `bench` prints, speedups in columns, and the notes under it."""
     table = [list(_COLUMNS)] + [_cells(n, r) for n, r in summary["rows"].items()]
     widths = [max(len(line[i]) for line in table) for i in range(len(_COLUMNS))]
     lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths)))
              for line in table]
-    target = summary["target_accuracy"]
-    if target is not None:
-        lines.append(f"target: {100 * target:.2f} % (a2's mean final accuracy minus "
-                     f"{100 * TARGET_MARGIN:.1f} points); times are training time (epochs + transitions)")
-    return "\n".join(lines)
+    return "\n".join(lines + _notes(summary))
 
 
-TARGETS = {"tta_speedup": 2.5, "accuracy_gap": TARGET_MARGIN, "transition_share": 0.02}  # issue 10
+def _met(ok: bool, target: str, miss: str) -> str:
+    return f" (target {target}: met)" if ok else f" (target {target}: missed by {miss})"
 
 
-def check_targets(summary: dict, row: str = "d") -> list[str]:
-    """The issue's targets for `row`: time to accuracy over a1, final accuracy against a2,
+def check_targets(summary: dict, targets: Targets = Targets()) -> list[str]:
+    """The targets for `targets.row`: time to accuracy over a1, a2 and the fastest plain
+    layout, final accuracy against a2 and against a2 trained for about as long, and the
     transitions' share of training time; each line says met or by how much it is missed."""
-    rows = summary["rows"]
-    if row not in rows or "a1" not in rows or "a2" not in rows:
-        return [f"targets: need rows a1, a2 and {row}"]
-    r, lines = rows[row], []
-    tta = r.get("tta_speedup_over_a1")
-    lines.append(f"{row} over a1 in time to accuracy: " + ("never reaches the target" if tta is None else
-                 f"{tta:.2f}x" + (" (target 2.5x: met)" if tta >= TARGETS["tta_speedup"] else
-                                  f" (target 2.5x: missed by {TARGETS['tta_speedup'] - tta:.2f}x)")))
+    rows, name = summary["rows"], targets.row
+    if name not in rows or "a2" not in rows:
+        return [f"targets: need rows a2 and {name}"]
+    r, lines = rows[name], []
+    for base, want in (("a1", targets.tta_speedup_over_a1), ("a2", targets.tta_speedup_over_a2)):
+        if base in rows:
+            tta = r.get(f"tta_speedup_over_{base}")
+            lines.append(f"{name} over {base} in time to accuracy: " + (
+                "never reaches the target" if tta is None else
+                f"{tta:.2f}x" + _met(tta >= want, f"{want:g}x", f"{want - tta:.2f}x")))
+    plain = summary["fastest_plain"]
+    tta = r.get("tta_speedup_over_fastest_plain")
+    lines.append(f"{name} over the fastest plain layout ({plain}) in time to accuracy: " + (
+        "never reaches the target" if tta is None else f"{tta:.2f}x" + _met(tta > 1, "above 1x", f"{1 - tta:.2f}x")))
     gap = rows["a2"]["final_accuracy"] - r["final_accuracy"]  # > 0: below a2
-    lines.append(f"{row}'s mean final accuracy against a2's: {-100 * gap:+.2f} points" +
-                 (" (target: at most 0.3 below: met)" if gap <= TARGETS["accuracy_gap"] + 1e-12 else
-                  f" (target: at most 0.3 below: missed by {100 * (gap - TARGETS['accuracy_gap']):.2f} points)"))
+    lines.append(f"{name}'s mean final accuracy against a2's: {-100 * gap:+.2f} points" +
+                 _met(gap <= targets.accuracy_gap + 1e-12, f"at most {100 * targets.accuracy_gap:g} below",
+                      f"{100 * (gap - targets.accuracy_gap):.2f} points"))
+    m = r.get("time_matched")
+    if m:
+        lines.append(f"{name}'s mean final accuracy against the time-matched {m['baseline']}'s: "
+                     f"{100 * m['gap']:+.2f} ± {100 * m['gap_std']:.2f} points" +
+                     _met(m["gap"] > 0, "higher", f"{-100 * m['gap']:.2f} points"))
     share = max(x["transition_share"] for x in rows.values())
     worst = max(rows, key=lambda n: rows[n]["transition_share"])
     lines.append(f"transitions: at most {100 * share:.1f} % of training time ({worst})" +
-                 (" (target 2 %: met)" if share <= TARGETS["transition_share"] else
-                  f" (target 2 %: missed by {100 * (share - TARGETS['transition_share']):.1f} points)"))
+                 _met(share <= targets.transition_share, f"{100 * targets.transition_share:g} %",
+                      f"{100 * (share - targets.transition_share):.1f} points"))
     return lines
 
 
@@ -220,48 +340,78 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def format_predictions(summary: dict, predicted: dict[str, list[float]]) -> str:
+def format_predictions(summary: dict, predicted: dict[str, list[float] | None]) -> str:
+    """Measured against planned epoch times (rows of another process count than the profile's
+    have no plan: None)."""
     lines = ["epoch seconds, measured (mean over seeds) / planned, and the plan's error:"]
     for name, row in summary["rows"].items():
-        pairs = zip(row["epoch_seconds"], predicted[name])
+        if predicted[name] is None:
+            lines.append(f"  {name:<14}not planned (the profile was measured for another process count)")
+            continue
+        pairs = zip(row["epoch_seconds"], predicted[name] or [])
         lines.append(f"  {name:<14}" + "  ".join(f"{m:6.1f}/{p:6.1f} ({100 * (p - m) / m:+4.0f}%)" for m, p in pairs))
     return "\n".join(lines)
 
 
 def plot_bench(summary: dict, curves: dict[str, tuple[list[float], list[float]]],
-               predicted: dict[str, list[float]], path: Path) -> None:
-    """Accuracy against training time, frozen blocks with the layout, epoch time measured
-    against planned."""
+               predicted: dict[str, list[float] | None], path: Path) -> None:
+    """Accuracy against training time per epoch; final accuracy against training time with
+    the Pareto frontier; frozen blocks with the layout; epoch time measured against planned."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = summary["rows"]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
-    for i, (name, row) in enumerate(rows.items()):
+    fig, axes = plt.subplots(2, 2, figsize=(14, 9))
+    curve_ax, pareto_ax, frozen_ax, time_ax = axes.flat
+    colors: dict[str, str] = {}
+    full = [n for n in rows if parse_row(n)[1] is None]
+    for i, name in enumerate(full):
+        row = rows[name]
         times, accuracy = curves[name]
-        line, = axes[0].plot(times, [100 * a for a in accuracy], "o-", label=name)
+        line, = curve_ax.plot(times, [100 * a for a in accuracy], "o-", label=name)
+        colors[name] = line.get_color()
         epochs = range(1, len(row["epoch_seconds"]) + 1)
-        shift = (i - (len(rows) - 1) / 2) * 0.06
+        shift = (i - (len(full) - 1) / 2) * 0.06
         frozen = row["frozen_layers"][0]  # the first seed's
-        axes[1].plot([e + shift for e in epochs], frozen, "o-", color=line.get_color(), label=name)
+        frozen_ax.plot([e + shift for e in epochs], frozen, "o-", color=colors[name], label=name)
         for e, k, layout in zip(epochs, frozen, row["layouts"][0]):
-            axes[1].annotate(layout, (e + shift, k), textcoords="offset points", xytext=(0, 5 + 7 * (i % 2)),
-                             ha="center", fontsize=7, color=line.get_color())
-        axes[2].plot(epochs, row["epoch_seconds"], "o-", color=line.get_color(), label=f"{name} measured")
-        axes[2].plot(epochs, predicted[name], "x--", color=line.get_color(), label=f"{name} planned")
+            frozen_ax.annotate(layout, (e + shift, k), textcoords="offset points", xytext=(0, 5 + 7 * (i % 2)),
+                               ha="center", fontsize=7, color=colors[name])
+        time_ax.plot(epochs, row["epoch_seconds"], "o-", color=colors[name], label=f"{name} measured")
+        if predicted[name] is not None:
+            time_ax.plot(epochs, predicted[name], "x--", color=colors[name], label=f"{name} planned")
+    for family in dict.fromkeys(parse_row(n)[0] for n in rows if parse_row(n)[1] is not None):
+        members = sorted((n for n in rows if parse_row(n)[0] == family),
+                         key=lambda n: rows[n]["train_seconds"])
+        pareto_ax.plot([rows[n]["train_seconds"] for n in members],
+                       [100 * rows[n]["final_accuracy"] for n in members], "-", color=colors.get(family, "gray"),
+                       alpha=0.6, label=f"{family} trained for 1..E epochs")
+    for name, row in rows.items():
+        pareto_ax.errorbar(row["train_seconds"], 100 * row["final_accuracy"], yerr=100 * row["final_accuracy_std"],
+                           fmt="o", capsize=3, color=colors.get(name, colors.get(parse_row(name)[0], "gray")))
+        pareto_ax.annotate(name, (row["train_seconds"], 100 * row["final_accuracy"]), textcoords="offset points",
+                           xytext=(4, 4), fontsize=7)
+    frontier = summary["frontier"]
+    pareto_ax.step([rows[n]["train_seconds"] for n in frontier], [100 * rows[n]["final_accuracy"] for n in frontier],
+                   "k--", where="post", lw=1, label="Pareto frontier")
     if summary["target_accuracy"] is not None:
-        axes[0].axhline(100 * summary["target_accuracy"], ls=":", color="gray", label="target")
-    axes[0].set(title="validation accuracy (mean over seeds)", xlabel="training time (s)", ylabel="%")
-    axes[1].set(title="frozen blocks per epoch, first seed (labels: stages x replicas)", xlabel="epoch",
-                ylabel="blocks")
-    axes[2].set(title="epoch time: measured (o) and planned (x)", xlabel="epoch", ylabel="s")
-    for ax in axes:
+        for ax in (curve_ax, pareto_ax):
+            ax.axhline(100 * summary["target_accuracy"], ls=":", color="gray", label="target")
+    seeds = max(r["seeds"] for r in rows.values())
+    curve_ax.set(title=f"validation accuracy per epoch (mean over {seeds} seed(s))", xlabel="training time (s)",
+                 ylabel="%")
+    pareto_ax.set(title="final accuracy (mean ± std) against training time", xlabel="training time (s)", ylabel="%")
+    frozen_ax.set(title="frozen blocks per epoch, first seed (labels: stages x replicas)", xlabel="epoch",
+                  ylabel="blocks")
+    time_ax.set(title="epoch time: measured (o) and planned (x)", xlabel="epoch", ylabel="s")
+    ticks = range(1, len(rows[full[0]]["epoch_seconds"]) + 1 if full else 2)
+    for ax in axes.flat:
         ax.grid(alpha=0.3)
-    for ax in axes[1:]:
-        ax.set_xticks(range(1, len(next(iter(rows.values()))["epoch_seconds"]) + 1))
-    axes[0].legend(fontsize=8)
-    axes[1].legend(fontsize=8)
+    for ax in (frozen_ax, time_ax):
+        ax.set_xticks(ticks)
+    for ax in (curve_ax, pareto_ax, frozen_ax):
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -323,8 +473,28 @@ def _train(cfg: Config, run_dir: Path, logs: Path, say: Callable[[str], None]) -
     return records, json.loads(done.read_text())["total_seconds"], load
 
 
+def row_configs(base: Config, rows: Sequence[str]) -> dict[str, Config]:
+    """Each row's settings: the base, the paper's start where the variant keeps it (one
+    pipeline over all processes unless --stages fixes one), its overrides and epochs; each
+    checked as `train` would check it."""
+    paper_start = {"stages": base.parallel.stages or ALL_STAGES}
+    configs = {}
+    for row in rows:
+        name, epochs = parse_row(row)
+        variant = VARIANTS[name]
+        try:
+            cfg = apply_overrides(base, {**(paper_start if variant.paper_start else {}), **variant.overrides,
+                                         "epochs": epochs})
+            cfg.validate(cfg.parallel.nproc)
+        except ConfigError as e:
+            raise ConfigError(f"bench row {row}: {e}") from None
+        configs[row] = cfg
+    return configs
+
+
 def run_bench(base: Config, rows: Sequence[str], seeds: int, out: Path, profile_file: str | None,
-              command: str, say: Callable[[str], None] = print) -> dict:
+              command: str, say: Callable[[str], None] = print, targets: Targets = Targets(),
+              train_less: str = "a2") -> dict:
     """Profile once, run every configuration for every seed (seeds outermost, so a slow
     spell of the machine touches every configuration alike), then summarize, predict, write
     bench.json, bench.md and bench.png into `out`. Returns the summary."""
@@ -333,13 +503,7 @@ def run_bench(base: Config, rows: Sequence[str], seeds: int, out: Path, profile_
     if (out / "bench.json").exists():
         raise ConfigError(f"--out={str(out)!r} already holds a finished bench; pass a new --out")
     nproc = base.parallel.nproc
-    paper_start = {"stages": base.parallel.stages or ALL_STAGES}  # the paper's rows: one pipeline over all
-    configs = {name: apply_overrides(base, {**paper_start, **VARIANTS[name].overrides}) for name in rows}
-    for name, cfg in configs.items():
-        try:
-            cfg.validate(nproc)
-        except ConfigError as e:
-            raise ConfigError(f"bench row {name}: {e}") from None
+    configs = row_configs(base, rows)
     profile_path = Path(profile_file) if profile_file else out / "profile.json"
     given = read_profile(profile_path) if profile_file else None
     if given and given.device == "cpu" and given.cores and given.processes != nproc:
@@ -367,12 +531,15 @@ def run_bench(base: Config, rows: Sequence[str], seeds: int, out: Path, profile_
             runs[name].append(records)
             totals[name].append(total)
             loads[name].append(load)
-    summary = summarize(runs, totals)
+    summary = summarize(runs, totals, targets.accuracy_gap, train_less)
     hardware = local_hardware(profile, nproc)
 
-    def planned(cfg: Config, traces: list[list[int]]) -> list[float]:
+    def planned(cfg: Config, traces: list[list[int]]) -> list[float] | None:
         """Mean over seeds of the plan given the frozen blocks each run measured, so plan
-        and run differ by timing alone."""
+        and run differ by timing alone; None for a run of another process count than the
+        profile's (its processes' threads are not the profile's)."""
+        if cfg.parallel.nproc != nproc:
+            return None
         samples = runs[next(iter(runs))][0][0]["steps"] * cfg.train.batch_size
         plans = [simulate(profile, hardware, cfg, samples, t, choose_micro_batches=False) for t in traces]
         return [statistics.fmean(p[e].seconds for p in plans) for e in range(len(plans[0]))]
@@ -382,12 +549,13 @@ def run_bench(base: Config, rows: Sequence[str], seeds: int, out: Path, profile_
     curves = {name: mean_curve(rs) for name, rs in runs.items()}
     result = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": _machine(),
               "profile": str(profile_path), "config": base.to_dict(), "seeds": seeds,
-              "variants": {n: VARIANTS[n].description for n in rows}, **summary, "targets": check_targets(summary),
+              "variants": {n: describe_row(n) for n in rows},
+              **summary, "targets": check_targets(summary, targets),
               "runs": {n: [{"records": r, "total_seconds": t, "load_average": a}
                            for r, t, a in zip(runs[n], totals[n], loads[n])] for n in rows}}
-    targets = "".join(f"- {line}\n" for line in result["targets"])
+    notes = "".join(f"- {line}\n" for line in _notes(summary) + result["targets"])
     (out / "bench.md").write_text(f"`{command}` ({result['date']}, {result['machine']['processor']}, "
-                                  f"{result['machine']['cpus']} CPUs)\n\n{markdown_table(summary)}\n\n{targets}")
+                                  f"{result['machine']['cpus']} CPUs)\n\n{markdown_table(summary)}\n\n{notes}")
     plot_bench(summary, curves, predicted, out / "bench.png")
     write_atomically(out / "bench.json", json.dumps(result, indent=1) + "\n")  # its presence: a finished bench
     say(format_table(summary))

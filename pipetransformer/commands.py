@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from .bench import DEFAULT_ROWS, PRESETS, VARIANTS
+from .bench import PRESETS, VARIANTS, Targets, expand_rows, parse_row
 from .config import (
     Config,
     ConfigError,
@@ -91,17 +91,25 @@ def add_commands(sub) -> None:
         _add_flag(plan, f, f"[hardware] {f.metadata['help']} (default: {f.default})")
     add_config_flags(plan, _PLAN_FIELDS)
 
-    bench = command_parser(sub, "bench", "run a1 (fixed pipeline), a2 (data parallel), b (freeze), c (+ AutoPipe "
-                     "+ AutoDP), d (+ AutoCache) as real train runs over seeds; table, JSON, markdown, plot")
-    bench.add_argument("--small", action="store_true", help="the smoke-test preset, a few minutes (default "
-                       "preset: about 30 minutes on 2 idle CPU cores); both set model, data, sample counts, "
-                       "max length, epochs, batch and processes, which flags given here override")
+    default = PRESETS["default"]
+    bench = command_parser(sub, "bench", "run real train runs side by side over seeds: each freeze policy against "
+                           "the fastest plain layout and data parallelism trained for fewer epochs (or the paper's "
+                           "ablation a1, a2, b, c, d); table, JSON, markdown, plot with the Pareto frontier")
+    bench.add_argument("--small", action="store_true", help="the smoke-test preset, a few minutes: the paper's "
+                       f"ablation rows {','.join(PRESETS['small'].rows)} (default preset: about 15 minutes a seed "
+                       "on 2 idle CPU cores); both set model, data, sample counts, max length, epochs, batch and "
+                       "processes, which flags given here override")
     bench.add_argument("--seeds", type=int, help="seeds per configuration: --seed, --seed + 1, ... "
-                       "(default: 2, or 1 with --small)")
+                       f"(default: {default.seeds}, or {PRESETS['small'].seeds} with --small)")
     bench.add_argument("--out", help="output folder (default: runs/bench-<date>-<time>); a finished bench "
                        "is never overwritten, an interrupted one continues")
-    bench.add_argument("--configs", default=",".join(DEFAULT_ROWS),
-                       help=f"rows to run, of {', '.join(VARIANTS)} (default: {','.join(DEFAULT_ROWS)})")
+    bench.add_argument("--configs", help=f"rows to run, of {', '.join(VARIANTS)}; NAME@E trains NAME for E epochs "
+                       f"(default: {','.join(default.rows)})")
+    bench.add_argument("--train-less", help="a plain row that also runs for 1..epochs-1 epochs, each with its own "
+                       "learning-rate schedule: the 'train less' baseline that every freezing row is compared with "
+                       f"at equal training time (none: skip; default: {default.train_less}, none with --small)")
+    bench.add_argument("--target-row", default=Targets.row, help="the row whose targets are checked "
+                       f"(default: {Targets.row}, the default train run)")
     bench.add_argument("--profile", help="a profile file for the planned epoch times (default: profile here)")
     add_config_flags(bench)
 
@@ -234,16 +242,29 @@ def _bench(args) -> int:
     if cfg.parallel.nnodes > 1:
         raise ConfigError(f"--nnodes={cfg.parallel.nnodes} is invalid for bench: its runs start on this machine; "
                           f"drop --nnodes (time a multi-node run with `pipetransformer train --nnodes` on each)")
-    rows = [r.strip() for r in args.configs.split(",") if r.strip()]
-    if not rows or any(r not in VARIANTS for r in rows):
-        raise ConfigError(f"--configs={args.configs!r} is invalid: choose from {', '.join(VARIANTS)}")
+    configs = ",".join(preset.rows) if args.configs is None else args.configs
+    rows = [r.strip() for r in configs.split(",") if r.strip()]
+    try:
+        for row in rows:
+            parse_row(row)
+    except ValueError:
+        raise ConfigError(f"--configs={configs!r} is invalid: choose from {', '.join(VARIANTS)}, each optionally "
+                          f"@EPOCHS (e.g. a2@2)") from None
+    if not rows:
+        raise ConfigError("--configs='' is invalid: name at least one row, e.g. a2,d-auto")
+    train_less = preset.train_less if args.train_less is None else args.train_less.replace("none", "")
+    if train_less and (train_less not in VARIANTS or not VARIANTS[train_less].plain):
+        raise ConfigError(f"--train-less={args.train_less!r} is invalid: name a row without freezing "
+                          f"({', '.join(n for n, v in VARIANTS.items() if v.plain)}) or none")
+    rows = expand_rows(rows, train_less, cfg.train.epochs)
     seeds = preset.seeds if args.seeds is None else args.seeds
     if seeds < 1:
         raise ConfigError(f"--seeds={seeds} is invalid: run at least 1 seed")
     args.out = args.out or time.strftime("runs/bench-%Y%m%d-%H%M%S")  # the stop line names it
     out = Path(args.out)
     try:
-        run_bench(cfg, rows, seeds, out, args.profile, args.command_line)
+        run_bench(cfg, rows, seeds, out, args.profile, args.command_line, targets=Targets(row=args.target_row),
+                  train_less=train_less)
     except RuntimeError as e:  # a train run failed: its log says why
         print(f"error: {e}", file=sys.stderr)
         return 1
