@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -177,12 +177,17 @@ def _is_plain(row: str) -> bool:
     return VARIANTS[name].plain and epochs is None
 
 
+def _family(rows: Iterable[str], family: str) -> list[str]:
+    """`family` and its family@E rows, of `rows`."""
+    return [n for n in rows if parse_row(n)[0] == family]
+
+
 def _time_matched(rows: dict[str, dict], runs: dict[str, list[list[dict]]], name: str, family: str) -> dict | None:
     """`family` (a2 and its a2@E rows) against row `name` at equal training time: the family
     row whose training time is nearest, the per-seed final accuracy differences to it (name
     minus it, seeds paired), and the family's mean accuracy interpolated at name's time."""
-    members = [n for n in rows if n == family or parse_row(n)[0] == family and parse_row(n)[1] is not None]
-    if not members or name in members:
+    members = _family(rows, family)
+    if not members:
         return None
     seconds = rows[name]["train_seconds"]
     nearest = min(members, key=lambda n: abs(rows[n]["train_seconds"] - seconds))
@@ -345,10 +350,11 @@ def format_predictions(summary: dict, predicted: dict[str, list[float] | None]) 
     have no plan: None)."""
     lines = ["epoch seconds, measured (mean over seeds) / planned, and the plan's error:"]
     for name, row in summary["rows"].items():
-        if predicted[name] is None:
+        planned = predicted[name]
+        if planned is None:
             lines.append(f"  {name:<14}not planned (the profile was measured for another process count)")
             continue
-        pairs = zip(row["epoch_seconds"], predicted[name] or [])
+        pairs = zip(row["epoch_seconds"], planned)
         lines.append(f"  {name:<14}" + "  ".join(f"{m:6.1f}/{p:6.1f} ({100 * (p - m) / m:+4.0f}%)" for m, p in pairs))
     return "\n".join(lines)
 
@@ -382,8 +388,7 @@ def plot_bench(summary: dict, curves: dict[str, tuple[list[float], list[float]]]
         if predicted[name] is not None:
             time_ax.plot(epochs, predicted[name], "x--", color=colors[name], label=f"{name} planned")
     for family in dict.fromkeys(parse_row(n)[0] for n in rows if parse_row(n)[1] is not None):
-        members = sorted((n for n in rows if parse_row(n)[0] == family),
-                         key=lambda n: rows[n]["train_seconds"])
+        members = sorted(_family(rows, family), key=lambda n: rows[n]["train_seconds"])
         pareto_ax.plot([rows[n]["train_seconds"] for n in members],
                        [100 * rows[n]["final_accuracy"] for n in members], "-", color=colors.get(family, "gray"),
                        alpha=0.6, label=f"{family} trained for 1..E epochs")

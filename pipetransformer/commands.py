@@ -252,7 +252,7 @@ def _bench(args) -> int:
                           f"@EPOCHS (e.g. a2@2)") from None
     if not rows:
         raise ConfigError("--configs='' is invalid: name at least one row, e.g. a2,d-auto")
-    train_less = preset.train_less if args.train_less is None else args.train_less.replace("none", "")
+    train_less = preset.train_less if args.train_less is None else "" if args.train_less == "none" else args.train_less
     if train_less and (train_less not in VARIANTS or not VARIANTS[train_less].plain):
         raise ConfigError(f"--train-less={args.train_less!r} is invalid: name a row without freezing "
                           f"({', '.join(n for n, v in VARIANTS.items() if v.plain)}) or none")
