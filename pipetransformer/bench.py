@@ -29,8 +29,8 @@ from .planner import simulate
 from .recorder import primary_metric, write_atomically
 from .stopping import die_with_parent, end_children
 
-__all__ = ["Variant", "VARIANTS", "Targets", "Preset", "PRESETS", "parse_row", "describe_row", "expand_rows",
-           "row_configs", "pareto_frontier", "elapsed", "train_seconds",
+__all__ = ["Variant", "VARIANTS", "Targets", "Preset", "PRESETS", "parse_row", "row_variant", "describe_row",
+           "expand_rows", "row_configs", "pareto_frontier", "elapsed", "train_seconds",
            "mean_curve", "time_to_target", "summarize", "format_table", "markdown_table", "check_targets",
            "format_predictions", "plot_bench", "run_bench"]
 
@@ -104,17 +104,36 @@ PRESETS = {
 
 
 def parse_row(row: str) -> tuple[str, int | None]:
-    """A row name: a variant, or VARIANT@E (trained for E epochs, with its own full learning-rate
-    schedule); raises ValueError for anything else."""
+    """A row name: VARIANT[:SETTING=VALUE]...[@E], e.g. d-auto:alpha=0.2@3 (trained for E
+    epochs, with its own full learning-rate schedule). Returns (the row without @E, E or None);
+    raises ValueError for anything else."""
     name, at, epochs = row.partition("@")
-    if name not in VARIANTS or (at and not (epochs.isdigit() and int(epochs) >= 1)):
+    row_variant(name)
+    if at and not (epochs.isdigit() and int(epochs) >= 1):
         raise ValueError(row)
     return name, int(epochs) if at else None
 
 
+def row_variant(name: str) -> tuple[Variant, dict[str, str]]:
+    """The variant of a row name without @E, and its SETTING=VALUE overrides (setting names as
+    in a config file or the flags, values as text; `row_configs` checks them)."""
+    variant, *settings = name.split(":")
+    overrides = {}
+    for setting in settings:
+        key, eq, value = setting.partition("=")
+        if variant not in VARIANTS or not (eq and key and value):
+            raise ValueError(name)
+        overrides[key.replace("-", "_")] = value
+    if variant not in VARIANTS:
+        raise ValueError(name)
+    return VARIANTS[variant], overrides
+
+
 def describe_row(row: str) -> str:
     name, epochs = parse_row(row)
-    return VARIANTS[name].description + ("" if epochs is None else f", trained for {epochs} epoch(s)")
+    variant, overrides = row_variant(name)
+    return (variant.description + "".join(f", {k}={v}" for k, v in overrides.items()) +
+            ("" if epochs is None else f", trained for {epochs} epoch(s)"))
 
 
 def expand_rows(rows: Sequence[str], train_less: str, epochs: int) -> list[str]:
@@ -174,7 +193,7 @@ def _ratio(base: float | None, x: float | None) -> float | None:
 def _is_plain(row: str) -> bool:
     """A full-length baseline without freezing (a1, a2, p1; not a2@E)."""
     name, epochs = parse_row(row)
-    return VARIANTS[name].plain and epochs is None
+    return row_variant(name)[0].plain and epochs is None
 
 
 def _family(rows: Iterable[str], family: str) -> list[str]:
@@ -242,7 +261,7 @@ def summarize(runs: dict[str, list[list[dict]]], totals: dict[str, list[float]],
             if ref in rows:
                 row[f"speedup_over_{base}"] = _ratio(rows[ref]["train_seconds"], row["train_seconds"])
                 row[f"tta_speedup_over_{base}"] = _ratio(rows[ref]["time_to_target"], row["time_to_target"])
-        if not VARIANTS[parse_row(name)[0]].plain:
+        if not row_variant(parse_row(name)[0])[0].plain:
             row["time_matched"] = _time_matched(rows, runs, name, train_less)
     return {"target_accuracy": target, "margin": margin, "fastest_plain": fastest, "frontier": pareto_frontier(rows),
             "rows": rows}
@@ -486,10 +505,10 @@ def row_configs(base: Config, rows: Sequence[str]) -> dict[str, Config]:
     configs = {}
     for row in rows:
         name, epochs = parse_row(row)
-        variant = VARIANTS[name]
+        variant, settings = row_variant(name)
         try:
             cfg = apply_overrides(base, {**(paper_start if variant.paper_start else {}), **variant.overrides,
-                                         "epochs": epochs})
+                                         **settings, "epochs": epochs})
             cfg.validate(cfg.parallel.nproc)
         except ConfigError as e:
             raise ConfigError(f"bench row {row}: {e}") from None

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from .bench import PRESETS, VARIANTS, Targets, expand_rows, parse_row
+from .bench import PRESETS, VARIANTS, Targets, expand_rows, parse_row, row_variant
 from .config import (
     Config,
     ConfigError,
@@ -103,7 +103,8 @@ def add_commands(sub) -> None:
                        f"(default: {default.seeds}, or {PRESETS['small'].seeds} with --small)")
     bench.add_argument("--out", help="output folder (default: runs/bench-<date>-<time>); a finished bench "
                        "is never overwritten, an interrupted one continues")
-    bench.add_argument("--configs", help=f"rows to run, of {', '.join(VARIANTS)}; NAME@E trains NAME for E epochs "
+    bench.add_argument("--configs", help=f"rows to run, of {', '.join(VARIANTS)}; NAME:SETTING=VALUE changes a setting "
+                       "(e.g. d-auto:alpha=0.2, d-auto:freeze-every=8); NAME@E trains NAME for E epochs "
                        f"(default: {','.join(default.rows)})")
     bench.add_argument("--train-less", help="a plain row that also runs for 1..epochs-1 epochs, each with its own "
                        "learning-rate schedule: the 'train less' baseline that every freezing row is compared with "
@@ -235,6 +236,13 @@ def _plan(args) -> int:
     return 0
 
 
+def _plain_variant(row: str) -> bool:
+    try:
+        return parse_row(row)[1] is None and row_variant(row)[0].plain
+    except ValueError:
+        return False
+
+
 def _bench(args) -> int:
     from .bench import run_bench
     preset = PRESETS["small" if args.small else "default"]
@@ -249,11 +257,11 @@ def _bench(args) -> int:
             parse_row(row)
     except ValueError:
         raise ConfigError(f"--configs={configs!r} is invalid: choose from {', '.join(VARIANTS)}, each optionally "
-                          f"@EPOCHS (e.g. a2@2)") from None
+                          f"with :SETTING=VALUE and @EPOCHS (e.g. a2@2, d-auto:alpha=0.2)") from None
     if not rows:
         raise ConfigError("--configs='' is invalid: name at least one row, e.g. a2,d-auto")
     train_less = preset.train_less if args.train_less is None else "" if args.train_less == "none" else args.train_less
-    if train_less and (train_less not in VARIANTS or not VARIANTS[train_less].plain):
+    if train_less and not _plain_variant(train_less):
         raise ConfigError(f"--train-less={args.train_less!r} is invalid: name a row without freezing "
                           f"({', '.join(n for n, v in VARIANTS.items() if v.plain)}) or none")
     rows = expand_rows(rows, train_less, cfg.train.epochs)

@@ -10,6 +10,7 @@ from pipetransformer.bench import (
     PRESETS,
     Targets,
     check_targets,
+    describe_row,
     elapsed,
     expand_rows,
     format_predictions,
@@ -140,6 +141,27 @@ def test_row_settings_keep_the_papers_start_only_where_the_variant_does():
     assert configs["d-update-ratio"].freeze.freeze_policy == "update-ratio"
     assert (configs["a2@2"].train.epochs, configs["a2@2"].parallel.stages) == (2, 1)
     assert configs["d"].train.epochs == 4
+
+
+def test_a_row_can_change_settings_and_keeps_them_apart_from_its_variants_family():
+    from pipetransformer.config import Config, ConfigError, apply_overrides
+    assert parse_row("d-auto:alpha=0.2:freeze-every=8@3") == ("d-auto:alpha=0.2:freeze-every=8", 3)
+    for bad in ("d-auto:alpha", "d-auto:=1", "z:alpha=0.2", "d-auto:alpha=", "d-auto:alpha=0.2@0"):
+        with pytest.raises(ValueError):
+            parse_row(bad)
+    assert describe_row("d-auto:alpha=0.2@2").endswith(", alpha=0.2, trained for 2 epoch(s)")
+    base = apply_overrides(Config(), {k: v for k, v in PRESETS["default"].config.items()})
+    configs = row_configs(base, ["d-auto:alpha=0.2:freeze-every=8", "a2:lr=1e-4@2"])
+    cfg = configs["d-auto:alpha=0.2:freeze-every=8"]
+    assert (cfg.freeze.alpha, cfg.freeze.freeze_every, cfg.parallel.stages) == (0.2, 8, 0)
+    assert (configs["a2:lr=1e-4@2"].train.lr, configs["a2:lr=1e-4@2"].train.epochs) == (1e-4, 2)
+    with pytest.raises(ConfigError, match="bench row d-auto:alfa=0.2: unknown setting 'alfa'"):
+        row_configs(base, ["d-auto:alfa=0.2"])
+    # a2 with another learning rate is not the a2 family that d-auto is compared with
+    runs = _runs()
+    runs["a2:lr=1e-4@2"] = [_run([20, 20], [0.9, 0.9]), _run([20, 20], [0.9, 0.9])]  # nearer d's 40.6 s than a2
+    m = summarize(runs, {n: [1.0] * len(r) for n, r in runs.items()})["rows"]["d"]["time_matched"]
+    assert m["baseline"] == "a2"
 
 
 def test_time_matched_baseline_pairs_seeds_and_the_frontier_keeps_the_undominated():
