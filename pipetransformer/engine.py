@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, transition
 from .autocache.cache import AutoCache
 from .autodp import Layout, dropout_seed, lr_scale, ramped, replica_rows
 from .autodp.groups import Topology, average_gradients
@@ -45,7 +45,6 @@ from .profiling import run_profile
 from .recorder import Recorder
 from .runtime import RuntimeEnv, build_runtime, clip_grad_norm, unit_costs
 from .stopping import raise_if_stopping
-from .transition import apply, gather_weights
 
 __all__ = ["Trainer", "fine_tune", "freeze_to", "lr_factor"]
 
@@ -192,7 +191,7 @@ class Trainer:
             self.records.append(rec)
             self.recorder.epoch(rec)
             self._checkpoint(epoch + 1, 0)
-        gather_weights(self.rt, self.env)  # every trained weight to rank 0, which saves them
+        transition.broadcast_weights(self.rt, self.env)  # every trained weight to rank 0, which saves them
         self.recorder.finish(self.model, self.records, time.perf_counter() - fit_start, self.rt.layout)
         dist.barrier()
         return self.records
@@ -215,13 +214,21 @@ class Trainer:
         return out
 
     def _transition(self, new: TransitionPlan) -> dict[str, float]:
+        """Carry `new` out on this process (collective), each phase timed: move the trained
+        weights to their next owners, rebuild the stage, advance the cache, compile."""
         scale = self.lr.scale(self.rt.plan, self.samples_seen)
-        self.rt, seconds = apply(new, self.rt, self.env, self.cache, has_state=self.samples_seen > 0)
+        start = time.perf_counter()
+        opt_state = transition.migrate(self.rt, new.frozen, self.samples_seen > 0, self.env)
+        old_frozen, self.rt = self.rt.frozen, build_runtime(new, self.env, opt_state)
+        cache_start = time.perf_counter()
+        self.cache.on_freeze(old_frozen, new.frozen, self.rt)
+        dist.barrier()
+        cache_end = time.perf_counter()
         if self.lr.scale(self.rt.plan, self.samples_seen) != scale:  # per-replica: ramp from where it stood
             self.lr.ramp = (scale, self.samples_seen)
         compiled = self._warm_up()
-        return {**seconds, "compile_seconds": compiled,
-                "transition_seconds": seconds["transition_seconds"] + compiled}
+        return {"cache_seconds": cache_end - cache_start, "compile_seconds": compiled,
+                "transition_seconds": cache_end - start + compiled}
 
     def _warm_up(self) -> float:
         """With --compile: compile the new runtime now (Passes.warm_up); seconds spent."""

@@ -1,7 +1,7 @@
 """The pure half of a transition: from the run's fixed facts (`PlanInputs`), a frozen count
 and a stage count, `plan(...)` returns a `TransitionPlan` (layout, stage bounds, owners,
 micro-batches); `next_plan` adds AutoPipe's rule for the stage count after a freeze. Unit
-tests and the planner call these without devices; `transition.apply` carries a plan out.
+tests and the planner call these without devices; the Trainer (engine._transition) carries a plan out.
 """
 from __future__ import annotations
 

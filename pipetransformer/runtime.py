@@ -1,7 +1,7 @@
 """What one process runs under one transition plan: its stage's units, the frozen prefix
 (first stages only), the optimizer over its active parameters and the pipeline schedule.
 
-Built by `build_runtime(plan, env, opt_state)`; rebuilt only by transition.apply.
+Built by `build_runtime(plan, env, opt_state)`; rebuilt only by a transition (engine._transition).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from .freeze_stats import meter_shard
 from .models.base import StagedModel, Unit
 from .timing import best_seconds
 
-if TYPE_CHECKING:  # transition.apply builds runtimes: the import runs the other way
+if TYPE_CHECKING:  # types only: pipelining loads slowly
     from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
 
     from .layouts import TransitionPlan

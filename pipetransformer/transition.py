@@ -1,52 +1,32 @@
-"""The ONE place that applies a freeze decision or a layout change.
+"""Weights on the move at a transition: every unit that was trainable is broadcast from the
+process that trained it (with its Adam moments when it stays active), so whoever owns it
+next starts from the current weights. Frozen units never change after the broadcast that
+froze them, and every process already holds them.
 
-`layouts.plan(...)` (pure) says what the next layout is; `apply(...)` carries it out on every
-process: each unit that was trainable is broadcast from the process that trained it (with
-its Adam moments when it stays active), so whoever owns it next starts from the current
-weights; then the stage modules, the optimizer and the schedule are rebuilt and the cache is
-brought to the new frozen count. Frozen units never change after the broadcast that froze
-them, and every process already holds them.
+The Trainer (engine._transition) reads a transition top-down: decide, plan (layouts, pure),
+`migrate` here, rebuild the runtime, advance the cache, each phase timed there.
 """
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 if TYPE_CHECKING:
-    from .autocache.cache import AutoCache
-    from .layouts import TransitionPlan
     from .runtime import Runtime, RuntimeEnv
 
-__all__ = ["apply", "gather_weights"]
+__all__ = ["migrate", "broadcast_weights"]
 
 
-def apply(new: TransitionPlan, old: Runtime, env: RuntimeEnv, cache: AutoCache | None,
-          has_state: bool) -> tuple[Runtime, dict[str, float]]:
-    """Carry `new` out on this process (collective): migrate, rebuild, advance the cache.
-    Returns the new runtime and its seconds: transition_seconds (all of it), cache_seconds."""
-    from .runtime import build_runtime
-    start = time.perf_counter()
-    opt_state = _migrate(old, new.frozen, has_state, env)
-    rt = build_runtime(new, env, opt_state)
-    cache_start = time.perf_counter()
-    if cache is not None:
-        cache.on_freeze(old.frozen, new.frozen, rt)
-    dist.barrier()
-    end = time.perf_counter()
-    return rt, {"transition_seconds": end - start, "cache_seconds": end - cache_start}
-
-
-def gather_weights(rt: Runtime, env: RuntimeEnv) -> None:
+def broadcast_weights(rt: Runtime, env: RuntimeEnv) -> None:
     """Bring every trained weight to every process (before saving). Collective."""
-    _migrate(rt, rt.frozen, False, env)
+    migrate(rt, rt.frozen, False, env)
 
 
-def _migrate(old: Runtime, new_frozen: int, has_state: bool, env: RuntimeEnv) -> dict[str, dict]:
-    """Broadcast every unit trained under `old` from its owner; return the optimizer state
-    (by parameter name) of the units that stay active."""
+def migrate(old: Runtime, new_frozen: int, has_state: bool, env: RuntimeEnv) -> dict[str, dict]:
+    """Broadcast every unit trained under `old` from its owner (collective); return the
+    optimizer state (by parameter name) of the units that stay active."""
     model, rank = env.model, dist.get_rank()
     local_state = {}
     if old.optimizer is not None:

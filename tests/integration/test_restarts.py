@@ -52,17 +52,17 @@ HOOK = textwrap.dedent('''
         import sys
         import time
         import pipetransformer.transition as _transition
-        _migrate, _calls = _transition._migrate, []
+        _migrate, _calls = _transition.migrate, []
 
         def _paused_migrate(*args, **kwargs):
             state = _migrate(*args, **kwargs)
-            if sys._getframe(1).f_code.co_name == "apply":
+            if sys._getframe(1).f_code.co_name == "_transition":
                 _calls.append(1)
                 if len(_calls) == 2:
                     open(_marker, "w").write(str(os.getpid()))
                     time.sleep(300)
             return state
-        _transition._migrate = _paused_migrate
+        _transition.migrate = _paused_migrate
 ''')
 
 
