@@ -191,7 +191,7 @@ class Trainer:
             self.records.append(rec)
             self.recorder.epoch(rec)
             self._checkpoint(epoch + 1, 0)
-        transition.broadcast_weights(self.rt, self.env)  # every trained weight to rank 0, which saves them
+        transition.broadcast_weights(self.rt, self.env)  # every trained weight to every process; rank 0 saves
         self.recorder.finish(self.model, self.records, time.perf_counter() - fit_start, self.rt.layout)
         dist.barrier()
         return self.records
